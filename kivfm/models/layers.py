@@ -1,0 +1,153 @@
+"""Building blocks shared by every model. Every weight carries logical axis names.
+
+Conventions (all kivfm modules follow them):
+  * images and feature maps are NHWC; tokens are [B, N, D];
+  * constructors take keyword-only `dtype` (compute) and `param_dtype` (storage, float32) and
+    `rngs: nnx.Rngs`; a model file never reads files or the network;
+  * every `nnx.Param` is created with `param(...)`, which attaches logical axes; logical names
+    map to mesh axes through `config.sharding.rules` (see `kivfm.sharding`). Names used:
+      'embed'  model width             'mlp'    MLP hidden width
+      'heads'  attention heads x dim   'conv_in' / 'conv_out'  conv channels
+      'norm'   norm scales and biases  'tokens' position / class tokens (token axis)
+      'classes' classifier outputs     None     never sharded (kernel spatial dims ...).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+Axes = tuple[str | None, ...]
+
+zeros = nnx.initializers.zeros_init()
+ones = nnx.initializers.ones_init()
+lecun_normal = nnx.initializers.lecun_normal()
+trunc_normal = nnx.initializers.truncated_normal(0.02)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes,
+          param_dtype=jnp.float32) -> nnx.Param:
+  """A parameter of `shape` with logical `axes` (one name, or None, per dimension)."""
+  if len(axes) != len(shape):
+    raise ValueError(f'logical axes {axes} do not match shape {tuple(shape)}')
+  init = nnx.with_partitioning(init, tuple(axes))
+  return nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis; kernel axes (in, out), bias axes (out,)."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: Axes = ('embed', 'mlp'),
+               use_bias: bool = True, kernel_init: Initializer = lecun_normal,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+    self.bias = param(rngs, zeros, (out_features,), axes[1:], param_dtype) if use_bias else None
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, statistics in float32; optional affine."""
+
+  def __init__(self, features: int, *, eps: float = 1e-6, affine: bool = True,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, ones, (features,), ('norm',), param_dtype) if affine else None
+    self.bias = param(rngs, zeros, (features,), ('norm',), param_dtype) if affine else None
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.scale is not None:
+      y = y * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class Conv(nnx.Module):
+  """2-D convolution, NHWC input, HWIO kernel with axes (None, None, in_axis, out_axis)."""
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
+               padding: str | Sequence[tuple[int, int]] = 'SAME', groups: int = 1,
+               use_bias: bool = True, axes: tuple[str | None, str | None] = ('conv_in', 'conv_out'),
+               kernel_init: Initializer = lecun_normal, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    shape = (kernel_size, kernel_size, in_features // groups, out_features)
+    self.kernel = param(rngs, kernel_init, shape, (None, None, *axes), param_dtype)
+    self.bias = param(rngs, zeros, (out_features,), axes[1:], param_dtype) if use_bias else None
+    self.stride, self.padding, self.groups, self.dtype = stride, padding, groups, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=(self.stride, self.stride), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=self.groups)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+def gelu(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': gelu, 'gelu_tanh': gelu_tanh, 'quick_gelu': quick_gelu,
+               'relu': jax.nn.relu, 'relu6': jax.nn.relu6, 'silu': jax.nn.silu}
+
+
+class Mlp(nnx.Module):
+  """Transformer MLP: fc1 -> act -> fc2, or SwiGLU (w12 -> silu(a) * b -> w3)."""
+
+  def __init__(self, width: int, hidden: int, *, act: str = 'gelu', out_features: int | None = None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    out_features = out_features or width
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.swiglu = act == 'swiglu'
+    if not self.swiglu and act not in ACTIVATIONS:
+      raise ValueError(f'unknown activation {act!r}; allowed: swiglu, {", ".join(ACTIVATIONS)}')
+    self.act = act
+    self.fc1 = Dense(width, 2 * hidden if self.swiglu else hidden, axes=('embed', 'mlp'), **kw)
+    self.fc2 = Dense(hidden, out_features, axes=('mlp', 'embed'), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = self.fc1(x)
+    if self.swiglu:
+      a, b = jnp.split(h, 2, axis=-1)
+      h = jax.nn.silu(a) * b
+    else:
+      h = ACTIVATIONS[self.act](h)
+    return self.fc2(h)
+
+
+def resize_images(images: jax.Array, size: tuple[int, int], method: str = 'bilinear') -> jax.Array:
+  """Resizes NHWC images or feature maps to `size` (no-op when already there)."""
+  if tuple(images.shape[1:3]) == tuple(size):
+    return images
+  shape = (images.shape[0], *size, images.shape[3])
+  return jax.image.resize(images, shape, method=method, antialias=False).astype(images.dtype)
+
+
+def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float],
+                     dtype=jnp.float32) -> jax.Array:
+  """uint8 [0, 255] NHWC -> (x / 255 - mean) / std in `dtype`."""
+  x = images.astype(jnp.float32) / 255.0
+  x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return x.astype(dtype)
