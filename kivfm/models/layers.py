@@ -46,9 +46,25 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
     self.bias = param(rngs, zeros, (out_features,), axes[1:], param_dtype) if use_bias else None
     self.dtype = dtype
+    self.lora_a = self.lora_b = None  # set by `add_lora`
+    self.lora_scale = 0.0
+
+  def add_lora(self, rank: int, alpha: float, *, rngs: nnx.Rngs) -> None:
+    """Adds a low-rank update x @ lora_a @ lora_b * alpha / rank; lora_b starts at zero."""
+    d_in, d_out = self.kernel.shape
+    in_axis, out_axis = self.kernel.get_metadata()['out_sharding']
+    dtype = self.kernel.dtype
+    self.lora_a = nnx.data(param(rngs, nnx.initializers.he_uniform(), (d_in, rank),
+                                 (in_axis, None), dtype))
+    self.lora_b = nnx.data(param(rngs, zeros, (rank, d_out), (None, out_axis), dtype))
+    self.lora_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.lora_a is not None:
+      low_rank = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.dot(low_rank, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -137,17 +153,18 @@ class Mlp(nnx.Module):
     return self.fc2(h)
 
 
-def resize_images(images: jax.Array, size: tuple[int, int], method: str = 'bilinear') -> jax.Array:
+def resize_images(images: jax.Array, size: Sequence[int], method: str = 'bilinear',
+                  antialias: bool = False) -> jax.Array:
   """Resizes NHWC images or feature maps to `size` (no-op when already there)."""
   if tuple(images.shape[1:3]) == tuple(size):
     return images
   shape = (images.shape[0], *size, images.shape[3])
-  return jax.image.resize(images, shape, method=method, antialias=False).astype(images.dtype)
+  return jax.image.resize(images, shape, method=method, antialias=antialias).astype(images.dtype)
 
 
-def normalize_images(images: jax.Array, mean: Sequence[float], std: Sequence[float],
-                     dtype=jnp.float32) -> jax.Array:
-  """uint8 [0, 255] NHWC -> (x / 255 - mean) / std in `dtype`."""
-  x = images.astype(jnp.float32) / 255.0
+def preprocess(images: jax.Array, size: Sequence[int], mean: Sequence[float],
+               std: Sequence[float], dtype=jnp.float32) -> jax.Array:
+  """uint8 [0, 255] NHWC -> resized to `size` (bilinear, antialiased) -> (x/255 - mean) / std."""
+  x = resize_images(images.astype(jnp.float32), size, antialias=True) / 255.0
   x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   return x.astype(dtype)

@@ -1,0 +1,53 @@
+"""orbax checkpoints of the training state, the data iterator and the config.
+
+Frozen teachers (and the frozen student base) are never written: they are reloaded from their
+sources. Saves are async and atomic (orbax commits a step only when it is complete).
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+  """DIR/checkpoints/<step>/{state, data, config}; keeps the last `keep` steps."""
+
+  def __init__(self, workdir: str, *, keep: int, every: int):
+    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.every = every
+    self.manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator, config_dict: dict, *, force: bool = False):
+    """Saves when `step` is a multiple of `every` (or `force`); returns whether it saved."""
+    if not force and step % self.every:
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        config=ocp.args.JsonSave(config_dict)), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator):
+    """Restores the state onto the shardings carried by `abstract_state` (any mesh) and the
+    data iterator in place."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored['state']
+
+  def reached_preemption(self, step: int) -> bool:
+    """True on every process once a preemption notice reached any (multi-host runs)."""
+    return jax.process_count() > 1 and self.manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()

@@ -1,0 +1,236 @@
+"""The config schema: every key kivfm reads, its default, and validation before anything compiles.
+
+Config files (`configs/*.py`) start from `defaults()` (a locked ConfigDict, so a misspelt key
+fails at once) and add teachers with `teacher(...)`. `validate` checks the resolved config
+against this schema and the machine, and raises one `ConfigError` naming the key and the
+allowed values.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+DTYPES = ('float32', 'bfloat16')
+ADAPTERS = ('bottleneck', 'lora', 'none')
+DISTANCES = ('cosine', 'smooth_l1', 'mse', 'cos_smooth_l1')
+MESH_AXES = ('data', 'fsdp', 'model')
+
+# Logical axis -> mesh axes. Every logical name used by a model must appear here.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('conv_in', None),
+    ('conv_out', 'model'),
+    ('classes', None),
+    ('tokens', None),
+    ('norm', None),
+)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and what is allowed."""
+
+
+def teacher(name: str, *, weight: float = 1.0, weights: str = 'pretrained',
+            dtype: str = 'bfloat16', image_size: int = 0) -> ConfigDict:
+  """One teacher entry of `config.teachers`.
+
+  name: a registry name (`kivfm.teachers.registry.names()`); weight: loss weight w_t;
+  weights: 'pretrained' (the registry's source), 'random' (tests), or a local file path;
+  dtype: compute dtype of the frozen teacher; image_size: side the teacher resizes the view
+  to (0: its registry resolution).
+  """
+  cfg = ConfigDict(dict(name=name, weight=weight, weights=weights, dtype=dtype,
+                        image_size=image_size))
+  cfg.lock()
+  return cfg
+
+
+def defaults() -> ConfigDict:
+  """Every key with its default. `teachers` is open: keys are teacher aliases."""
+  c = ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.dtype = 'float32'                 # compute dtype of the student and heads
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.max_consecutive_nonfinite = 5     # stop after this many skipped updates in a row
+  c.progress = 'auto'                 # auto | bar | lines | none
+
+  c.distributed = ConfigDict(dict(
+      enabled=False,                  # call jax.distributed.initialize
+      coordinator_address='',         # empty: let JAX detect (TPU pods, SLURM)
+      num_processes=0,                # 0: detect
+      process_id=-1,                  # -1: detect
+      cpu_collectives='gloo',         # CPU multi-process collectives
+  ))
+  c.mesh = ConfigDict(dict(shape=(-1, 1, 1), axes=MESH_AXES))
+  c.sharding = ConfigDict(dict(rules=DEFAULT_RULES))
+
+  c.data = ConfigDict(dict(
+      source='synthetic',             # synthetic
+      num_examples=1024,              # synthetic: size of the dataset
+      image_size=224,                 # side of the augmented view fed to every model
+      batch_size=64,                  # global batch
+      shuffle_seed=0,
+      crop_scale=(0.35, 1.0),         # random-resized-crop area range
+      worker_count=0,                 # grain worker processes (0: in the main process)
+  ))
+
+  c.student = ConfigDict(dict(
+      knowledge_base='',              # alias in `teachers` whose model the student inherits
+      adapter='bottleneck',           # bottleneck | lora | none (= full fine-tuning)
+      adapter_dim=64,                 # bottleneck width
+      adapter_scale=1.0,              # s in h + s * Up(GELU(Down(LN(h))))
+      lora_rank=8,
+      lora_alpha=16.0,
+      remat=False,                    # rematerialise transformer blocks
+  ))
+  c.teachers = ConfigDict()
+  c.unifier = ConfigDict(dict(hidden=1024, layers=2))
+  c.loss = ConfigDict(dict(
+      patch='cos_smooth_l1',          # distance on patch maps
+      global_='cosine',               # distance on global vectors
+      cos_weight=0.9,                 # mix of cos_smooth_l1: cos_weight * (1-cos) + rest * SmoothL1
+      global_weight=1.0,
+      patch_weight=1.0,
+  ))
+  c.optim = ConfigDict(dict(
+      lr=1e-3,
+      warmup_steps=100,
+      end_lr_fraction=0.0,            # cosine decays to lr * this
+      weight_decay=0.05,
+      b1=0.9,
+      b2=0.999,
+      clip_norm=1.0,                  # global-norm clipping; 0 disables
+      # Ordered (regex, lr multiplier) over parameter paths like 'student/vit/blocks/0/...'.
+      # The first match wins; a parameter that matches no group is frozen.
+      groups=(('.*/adapter/.*|.*/lora_[ab]', 1.0), ('unifier/.*', 1.0)),
+      no_decay=r'.*(norm|bias|pos_embed|cls_token|registers|gamma|lora_b).*',
+  ))
+  c.lock()
+  c.teachers.unlock()
+  return c
+
+
+def _schema_errors(cfg: Any, schema: Any, prefix: str) -> list[str]:
+  errors = []
+  for key in cfg.keys():
+    path = f'{prefix}.{key}'
+    if key not in schema:
+      allowed = ', '.join(sorted(schema.keys()))
+      errors.append(f'unknown key config{path}; allowed keys here: {allowed}')
+    elif isinstance(schema[key], ConfigDict) and schema[key].keys():
+      if not isinstance(cfg[key], ConfigDict):
+        errors.append(f'config{path} must be a group of keys, got {cfg[key]!r}')
+      else:
+        errors.extend(_schema_errors(cfg[key], schema[key], path))
+  return errors
+
+
+def _allowed(key: str, value: Any, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f'config.{key}={value!r} is not allowed; choose one of: '
+                      f'{", ".join(map(str, allowed))}')
+
+
+def _positive(config: ConfigDict, *keys: str) -> None:
+  for key in keys:
+    value = config
+    for part in key.split('.'):
+      value = value[part]
+    if not (isinstance(value, (int, float)) and value > 0):
+      raise ConfigError(f'config.{key}={value!r} must be a positive number')
+
+
+def mesh_shape(config: ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves the -1 entry of `config.mesh.shape` to the remaining devices."""
+  shape = tuple(config.mesh.shape)
+  if len(shape) != len(config.mesh.axes):
+    raise ConfigError(f'config.mesh.shape={shape} has {len(shape)} entries but config.mesh.axes='
+                      f'{tuple(config.mesh.axes)} has {len(config.mesh.axes)}')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f'config.mesh.shape={shape}: use positive sizes and at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if num_devices % known:
+    raise ConfigError(f'config.mesh.shape={shape} does not fit {num_devices} devices; '
+                      f'the product of the sizes must divide {num_devices}')
+  resolved = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(resolved) != num_devices:
+    raise ConfigError(f'config.mesh.shape={shape} uses {math.prod(resolved)} devices but '
+                      f'{num_devices} are present; set one entry to -1 or match the count')
+  return resolved
+
+
+def batch_parallelism(config: ConfigDict, num_devices: int) -> int:
+  """Number of shards of the batch axis under `config.sharding.rules`."""
+  shape = dict(zip(config.mesh.axes, mesh_shape(config, num_devices)))
+  axes = dict(config.sharding.rules).get('batch')
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(shape[a] for a in axes)
+
+
+def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> None:
+  """Raises ConfigError naming the first wrong key; checks the schema, values and the machine."""
+  from kivfm.teachers import registry  # late: the registry imports model code
+
+  schema = defaults()
+  errors = _schema_errors(config, schema, '')
+  team_schema = teacher('x')
+  for alias, spec in config.teachers.items():
+    if not isinstance(spec, ConfigDict):
+      errors.append(f'config.teachers.{alias} must be made with kivfm.config.teacher(...)')
+    else:
+      errors.extend(_schema_errors(spec, team_schema, f'.teachers.{alias}'))
+  if errors:
+    raise ConfigError('\n'.join(errors))
+
+  _allowed('dtype', config.dtype, DTYPES)
+  _allowed('progress', config.progress, ('auto', 'bar', 'lines', 'none'))
+  _allowed('student.adapter', config.student.adapter, ADAPTERS)
+  _allowed('loss.patch', config.loss.patch, DISTANCES)
+  _allowed('loss.global_', config.loss.global_, DISTANCES)
+  _allowed('data.source', config.data.source, ('synthetic',))
+  _positive(config, 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
+            'max_consecutive_nonfinite', 'data.batch_size', 'data.image_size',
+            'data.num_examples', 'student.adapter_dim', 'student.lora_rank', 'unifier.hidden',
+            'unifier.layers', 'optim.lr')
+  for axis in config.mesh.axes:
+    _allowed('mesh.axes', axis, MESH_AXES)
+  mapped = {a for _, axes in config.sharding.rules
+            for a in ((axes,) if isinstance(axes, str) else tuple(axes or ()))}
+  for axis in sorted(mapped - set(config.mesh.axes)):
+    raise ConfigError(f'config.sharding.rules maps to mesh axis {axis!r}, which is not in '
+                      f'config.mesh.axes={tuple(config.mesh.axes)}')
+
+  parallel = batch_parallelism(config, num_devices)
+  if config.data.batch_size % parallel:
+    raise ConfigError(f'config.data.batch_size={config.data.batch_size} is not divisible by the '
+                      f'data-parallel size {parallel} (mesh {mesh_shape(config, num_devices)}, '
+                      f'batch axes of config.sharding.rules)')
+  if config.data.batch_size % num_processes:
+    raise ConfigError(f'config.data.batch_size={config.data.batch_size} is not divisible by the '
+                      f'{num_processes} processes')
+
+  if not config.teachers:
+    raise ConfigError('config.teachers is empty; add at least the knowledge-base teacher')
+  for alias, spec in config.teachers.items():
+    _allowed(f'teachers.{alias}.name', spec.name, registry.names())
+    _allowed(f'teachers.{alias}.dtype', spec.dtype, DTYPES)
+    if spec.weight < 0:
+      raise ConfigError(f'config.teachers.{alias}.weight={spec.weight} must be >= 0')
+  _allowed('student.knowledge_base', config.student.knowledge_base, tuple(config.teachers))
+  kb = registry.get(config.teachers[config.student.knowledge_base].name)
+  if kb.family != 'vit':
+    raise ConfigError(f'config.student.knowledge_base={config.student.knowledge_base!r} is a '
+                      f'{kb.family} teacher; the student inherits a ViT (e.g. a DINOv2)')
+  if config.data.image_size % kb.arch.patch_size:
+    raise ConfigError(f'config.data.image_size={config.data.image_size} is not a multiple of the '
+                      f'student patch size {kb.arch.patch_size}')

@@ -1,0 +1,31 @@
+"""The student: the knowledge-base ViT (frozen by the optimizer groups) plus an adapter."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kivfm.models import adapters, layers
+from kivfm.models.vit import ViT, ViTConfig
+
+
+class Student(nnx.Module):
+  """f(I) = {x, V}: uint8 NHWC views -> {'cls': [B, D], 'patches': [B, h, w, D]}.
+
+  Preprocessing is the knowledge-base teacher's, so at step 0 (adapters are no-ops) the student
+  computes exactly what that teacher computes on the same view.
+  """
+
+  def __init__(self, arch: ViTConfig, *, image_size: tuple[int, int], mean, std,
+               adapter: str = 'bottleneck', adapter_dim: int = 64, adapter_scale: float = 1.0,
+               lora_rank: int = 8, lora_alpha: float = 16.0, remat: bool = False,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.vit = ViT(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+    adapters.attach(self.vit, adapter, dim=adapter_dim, scale=adapter_scale, rank=lora_rank,
+                    alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.image_size, self.mean, self.std, self.dtype = tuple(image_size), mean, std, dtype
+
+  def __call__(self, images: jax.Array) -> dict:
+    x = layers.preprocess(images, self.image_size, self.mean, self.std, self.dtype)
+    out = self.vit(x)
+    return {'cls': out['cls'], 'patches': out['patches']}

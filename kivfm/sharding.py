@@ -1,0 +1,95 @@
+"""Device mesh, logical-axis rules, multi-host set-up and host -> global arrays."""
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from kivfm import config as config_lib
+
+
+def maybe_initialize_distributed(config) -> None:
+  """Calls `jax.distributed.initialize` when `config.distributed.enabled` (once per process)."""
+  d = config.distributed
+  if not d.enabled or jax.distributed.is_initialized():
+    return
+  if jax.default_backend() == 'cpu' or d.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', d.cpu_collectives)
+  kwargs = {}
+  if d.coordinator_address:
+    kwargs['coordinator_address'] = d.coordinator_address
+  if d.num_processes > 0:
+    kwargs['num_processes'] = d.num_processes
+  if d.process_id >= 0:
+    kwargs['process_id'] = d.process_id
+  jax.distributed.initialize(**kwargs)
+
+
+def make_mesh(config) -> Mesh:
+  """The device mesh of `config.mesh`, with the -1 entry resolved; axes are GSPMD-style (Auto)."""
+  shape = config_lib.mesh_shape(config, jax.device_count())
+  axes = tuple(config.mesh.axes)
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def _mesh_axes(logical: str | None, rules: dict) -> tuple[str, ...]:
+  if logical is None:
+    return ()
+  if logical not in rules:
+    raise KeyError(f'logical axis {logical!r} has no entry in config.sharding.rules '
+                   f'(known: {", ".join(sorted(rules))})')
+  axes = rules[logical]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def logical_to_spec(logical_axes, shape, rules, mesh: Mesh) -> P:
+  """PartitionSpec for a tensor with logical axes. A dimension not divisible by its mesh axes,
+  or a mesh axis already used by an earlier dimension, is replicated instead."""
+  rules = dict(rules)
+  used, spec = set(), []
+  for name, size in zip(logical_axes, shape):
+    axes = tuple(a for a in _mesh_axes(name, rules) if a not in used and mesh.shape[a] > 1)
+    if axes and size % math.prod(mesh.shape[a] for a in axes) == 0:
+      used.update(axes)
+      spec.append(axes[0] if len(axes) == 1 else axes)
+    else:
+      spec.append(None)
+  return P(*spec)
+
+
+def state_shardings(abstract_state: nnx.State, rules, mesh: Mesh) -> dict:
+  """Pure-dict tree of NamedShardings for an (abstract) nnx.State, from its logical axes."""
+
+  def one(variable):
+    axes = variable.get_metadata().get('out_sharding')
+    if axes is None:
+      if variable.ndim:
+        raise ValueError(f'a {variable.shape} variable carries no logical axes; create every '
+                         f'weight with kivfm.models.layers.param')
+      return NamedSharding(mesh, P())
+    return NamedSharding(mesh, logical_to_spec(axes, variable.shape, rules, mesh))
+
+  shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+  """Sharding of a [B, ...] batch: batch axis over the mesh axes of the 'batch' rule."""
+  axes = tuple(a for a in _mesh_axes('batch', dict(rules)) if a in mesh.shape)
+  return NamedSharding(mesh, P(axes or None, *([None] * (ndim - 1))))
+
+
+def host_to_global(local_batch, mesh: Mesh, rules):
+  """Assembles per-process numpy batches into global jax.Arrays sharded on the batch axis."""
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(
+          batch_sharding(mesh, rules, np.ndim(x)), np.asarray(x)), local_batch)
+
+
+def log_mesh(mesh: Mesh) -> None:
+  logging.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
+               jax.process_count())

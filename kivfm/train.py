@@ -1,0 +1,398 @@
+"""Training: `train_and_evaluate(config, workdir)` builds the mesh, models and optimizer, then
+runs the sharded, resumable distillation loop.
+
+One step: frozen teachers (on-device preprocessing, stop_gradient) -> {x_t, V_t}; student +
+unifier -> predictions; per-teacher losses; gradients for the trainable parameters only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kivfm import checkpointing, config as config_lib, losses, metrics, sharding, teachers
+from kivfm.data import pipeline
+from kivfm.models.kpu import KPU
+from kivfm.models.student import Student
+from kivfm.models.unifier import Unifier
+from kivfm.teachers import registry
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite losses or gradients."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict                    # trainable parameters only (pure dict)
+  opt_state: Any
+  nonfinite_run: jax.Array        # consecutive skipped updates
+  nonfinite_total: jax.Array      # skipped updates in the whole run
+
+
+def abstract_split(make, *filters):
+  """(graphdef, *abstract states) of the module `make()` builds, without allocating it."""
+  box = {}
+
+  def states():
+    graphdef, *parts = nnx.split(make(), *filters)
+    box['graphdef'] = graphdef
+    return parts
+
+  parts = jax.eval_shape(states)
+  return (box['graphdef'], *parts)
+
+
+def path_str(path) -> str:
+  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+
+
+# --------------------------------------------------------------------------------------------
+# Teachers: frozen, on the mesh, never checkpointed.
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TeacherSet:
+  graphdefs: dict                 # alias -> nnx.GraphDef
+  params: dict                    # alias -> pure dict of jax.Arrays on the mesh
+  shapes: dict                    # alias -> (width, (grid_h, grid_w))
+  specs: dict                     # alias -> TeacherSpec
+
+  def forward(self, params: dict, images: jax.Array) -> dict:
+    """alias -> {'cls', 'patches'} (and native outputs) under stop_gradient."""
+    out = {}
+    for alias, graphdef in self.graphdefs.items():
+      model = nnx.merge(graphdef, nnx.State(params[alias]))
+      out[alias] = jax.lax.stop_gradient(model(images))
+    return out
+
+
+def _place(host_params: dict, shardings: dict) -> dict:
+  """numpy tree -> global jax.Arrays with `shardings` (works across processes)."""
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
+      host_params, shardings)
+
+
+def build_teachers(config, mesh) -> TeacherSet:
+  graphdefs, params, shapes, specs = {}, {}, {}, {}
+  probe = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
+  for i, (alias, tcfg) in enumerate(sorted(config.teachers.items())):
+    spec = registry.get(tcfg.name)
+    make = lambda seed: teachers.Teacher(spec, image_size=tcfg.image_size,
+                                         dtype=DTYPES[tcfg.dtype], rngs=nnx.Rngs(seed))
+    graphdef, abstract_state = abstract_split(lambda: make(0))
+    shardings = sharding.state_shardings(abstract_state, config.sharding.rules, mesh)
+    if tcfg.weights == 'random':
+      seed = config.seed + 1000 * (i + 1)
+      init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(seed))), out_shardings=shardings)
+      params[alias] = init()
+    else:
+      params[alias] = _place(teachers.pretrained_params(spec, tcfg.weights), shardings)
+    out = jax.eval_shape(lambda p, x: nnx.merge(graphdef, nnx.State(p))(x), params[alias], probe)
+    shapes[alias] = (out['cls'].shape[-1], tuple(out['patches'].shape[1:3]))
+    graphdefs[alias], specs[alias] = graphdef, spec
+  return TeacherSet(graphdefs, params, shapes, specs)
+
+
+# --------------------------------------------------------------------------------------------
+# Student + unifier: trainable by optimizer groups, the rest frozen.
+# --------------------------------------------------------------------------------------------
+
+def build_kpu(config, teacher_set: TeacherSet, seed: int) -> KPU:
+  kb = teacher_set.specs[config.student.knowledge_base]
+  s = config.student
+  dtype = DTYPES[config.dtype]
+  rngs = nnx.Rngs(seed)
+  student = Student(kb.arch, image_size=(config.data.image_size,) * 2, mean=kb.mean, std=kb.std,
+                    adapter=s.adapter, adapter_dim=s.adapter_dim, adapter_scale=s.adapter_scale,
+                    lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, remat=s.remat, dtype=dtype,
+                    rngs=rngs)
+  unifier = Unifier(kb.arch.width, teacher_set.shapes, hidden=config.unifier.hidden,
+                    depth=config.unifier.layers, dtype=dtype, rngs=rngs)
+  return KPU(student, unifier)
+
+
+def param_groups(config, abstract_state: nnx.State) -> dict:
+  """path -> lr multiplier of every trainable parameter (first matching group wins)."""
+  groups = [(re.compile(rx), float(mult)) for rx, mult in config.optim.groups]
+  matched, used = {}, set()
+  for path, _ in nnx.to_flat_state(abstract_state):
+    name = path_str(path)
+    for rx, mult in groups:
+      if rx.fullmatch(name):
+        matched[name] = mult
+        used.add(rx.pattern)
+        break
+  for rx, _ in groups:
+    if rx.pattern not in used:
+      raise config_lib.ConfigError(
+          f'config.optim.groups: pattern {rx.pattern!r} matches no parameter '
+          f'(parameters look like {path_str(nnx.to_flat_state(abstract_state)[0][0])!r})')
+  return matched
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer: AdamW, warm-up + cosine, clipping, decay mask, per-group learning rates.
+# --------------------------------------------------------------------------------------------
+
+def make_schedule(config) -> optax.Schedule:
+  o = config.optim
+  warmup = min(o.warmup_steps, config.total_steps - 1)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
+      decay_steps=max(config.total_steps, warmup + 1), end_value=o.lr * o.end_lr_fraction)
+
+
+def make_optimizer(config, params: dict, multipliers: dict) -> optax.GradientTransformation:
+  """`params`: pure dict of trainable parameters; `multipliers`: path -> lr multiplier."""
+  o = config.optim
+  no_decay = re.compile(o.no_decay)
+  decay_mask = jax.tree_util.tree_map_with_path(
+      lambda path, p: p.ndim >= 2 and not no_decay.fullmatch(path_str(path)), params)
+  lr_scale = jax.tree_util.tree_map_with_path(
+      lambda path, p: multipliers[path_str(path)], params)
+  parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+  parts.append(optax.adamw(make_schedule(config), b1=o.b1, b2=o.b2,
+                           weight_decay=o.weight_decay, mask=decay_mask))
+  if any(m != 1.0 for m in multipliers.values()):
+    parts.append(optax.stateless(
+        lambda updates, _: jax.tree.map(lambda u, m: u * m, updates, lr_scale)))
+  return optax.chain(*parts)
+
+
+def opt_state_shardings(tx, abstract_params: dict, param_shardings: dict, mesh):
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  replicated = NamedSharding(mesh, P())
+  return optax.tree_utils.tree_map_params(
+      tx, lambda _, s: s, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated)
+
+
+# --------------------------------------------------------------------------------------------
+# The jitted train step.
+# --------------------------------------------------------------------------------------------
+
+def make_train_step(config, kpu_graphdef, teacher_set: TeacherSet, tx):
+  weights = {alias: t.weight for alias, t in config.teachers.items()}
+  schedule = make_schedule(config)
+
+  def train_step(state: TrainState, frozen: dict, teacher_params: dict, images: jax.Array):
+    targets = teacher_set.forward(teacher_params, images)
+
+    def loss_fn(params):
+      model = nnx.merge(kpu_graphdef, nnx.State(params), nnx.State(frozen))
+      out = model(images)
+      return losses.teacher_space_losses(out['pred'], targets, weights, config.loss)
+
+    (loss, per_teacher), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update: keep the old parameters and moments.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    run = jnp.where(finite, 0, state.nonfinite_run + 1)
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), nonfinite_run=run,
+                           nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
+    scalars = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
+               'nonfinite_total': new_state.nonfinite_total, 'nonfinite_run': run,
+               **{f'loss/{a}': v for a, v in per_teacher.items()}}
+    return new_state, scalars
+
+  return train_step
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly of the whole run state.
+# --------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  mesh: Any
+  teacher_set: TeacherSet
+  kpu_graphdef: Any
+  frozen: dict                    # frozen student parameters (pure dict, on the mesh)
+  state: TrainState
+  state_shardings: TrainState
+  frozen_shardings: dict
+  tx: optax.GradientTransformation
+  step_fn: Any                    # jitted train step
+
+
+def _copy_knowledge_base(kpu_state: dict, kb_params: dict) -> dict:
+  """The student's ViT takes the knowledge-base teacher's weights (float32)."""
+  base = jax.tree.map(lambda x: x.astype(jnp.float32), kb_params['model'])
+  vit = dict(kpu_state['student']['vit'])
+  missing = set(base) - set(vit)
+  if missing:
+    raise ValueError(f'student ViT lacks knowledge-base parameters {sorted(missing)}')
+
+  def merge(dst, src):
+    if isinstance(src, dict):
+      return {k: merge(dst[k], src[k]) if k in src else dst[k] for k in dst}
+    return src
+  kpu_state['student']['vit'] = merge(vit, base)
+  return kpu_state
+
+
+def build_run(config, mesh) -> Run:
+  teacher_set = build_teachers(config, mesh)
+  rules = config.sharding.rules
+  make = lambda: build_kpu(config, teacher_set, config.seed)
+  _, abstract_full = abstract_split(make)
+  multipliers = param_groups(config, abstract_full)
+  is_trainable = lambda path, _: path_str(path) in multipliers
+  kpu_graphdef, abstract_train, abstract_frozen = abstract_split(make, is_trainable, ...)
+  train_shardings = sharding.state_shardings(abstract_train, rules, mesh)
+  frozen_shardings = sharding.state_shardings(abstract_frozen, rules, mesh)
+  abstract_params = nnx.to_pure_dict(abstract_train)
+  tx = make_optimizer(config, abstract_params, multipliers)
+  replicated = NamedSharding(mesh, P())
+  state_shardings = TrainState(
+      step=replicated, params=train_shardings,
+      opt_state=opt_state_shardings(tx, abstract_params, train_shardings, mesh),
+      nonfinite_run=replicated, nonfinite_total=replicated)
+
+  kb_params = teacher_set.params[config.student.knowledge_base]
+
+  def init(kb_params):
+    model = make()
+    full = _copy_knowledge_base(nnx.to_pure_dict(nnx.state(model)), kb_params)
+    nnx.update(model, nnx.State(full))
+    _, trainable, frozen = nnx.split(model, is_trainable, ...)
+    params = nnx.to_pure_dict(trainable)
+    zero = jnp.zeros((), jnp.int32)
+    state = TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_run=zero,
+                       nonfinite_total=zero)
+    return state, nnx.to_pure_dict(frozen)
+
+  init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
+  state, frozen = init(kb_params)
+
+  teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_set.params)
+  images_sharding = sharding.batch_sharding(mesh, rules, 4)
+  step_fn = jax.jit(
+      make_train_step(config, kpu_graphdef, teacher_set, tx),
+      in_shardings=(state_shardings, frozen_shardings, teacher_shardings, images_sharding),
+      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return Run(mesh, teacher_set, kpu_graphdef, frozen, state, state_shardings, frozen_shardings,
+             tx, step_fn)
+
+
+def abstract_like(tree, shardings):
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks, so a final checkpoint gets written."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    logging.warning('SIGTERM: writing a checkpoint at the end of this step, then exiting')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(Exception):
+  """Raised after the preemption checkpoint is written; main exits with 128 + SIGTERM."""
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains to `config.total_steps` (resuming from DIR/checkpoints) and returns final metrics."""
+  sharding.maybe_initialize_distributed(config)
+  config_lib.validate(config, jax.device_count(), jax.process_count())
+  lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  config_dict = json.loads(config.to_json())
+  if lead:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config_dict, f, indent=2)
+
+  mesh = sharding.make_mesh(config)
+  sharding.log_mesh(mesh)
+  with jax.set_mesh(mesh):
+    run = build_run(config, mesh)
+    data_iter = pipeline.make_iterator(config, jax.process_index(), jax.process_count())
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                      every=config.checkpoint_every)
+    state = run.state
+    start = ckpt.latest_step()
+    if start is not None:
+      state = ckpt.restore(start, abstract_like(state, run.state_shardings), data_iter)
+      logging.info('resumed from step %d', start)
+    start = int(state.step)
+
+    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    progress = metrics.Progress(config.total_steps, start, config.progress if lead else 'none')
+    teacher_params = run.teacher_set.params
+    last = {}
+    try:
+      with _Preemption() as preemption:
+        step, t_prev = start, time.time()
+        while step < config.total_steps:
+          batch = sharding.host_to_global(next(data_iter), mesh, config.sharding.rules)
+          state, scalars = run.step_fn(state, run.frozen, teacher_params, batch['image'])
+          step += 1
+          scalars = jax.device_get(scalars)
+          now = time.time()
+          scalars['step_time'] = now - t_prev
+          scalars['images_per_s'] = config.data.batch_size / max(now - t_prev, 1e-9)
+          t_prev = now
+          writer.write(step, scalars)
+          last = scalars
+          progress.update(step, f'loss {scalars["loss"]:.4f}', step % config.log_every == 0)
+          if scalars['nonfinite_run'] >= config.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f'{int(scalars["nonfinite_run"])} consecutive non-finite losses or gradients '
+                f'at step {step} (config.max_consecutive_nonfinite='
+                f'{config.max_consecutive_nonfinite}); the last good checkpoint in '
+                f'{ckpt.directory} is intact. Lower config.optim.lr or check the data.')
+          if scalars['nonfinite_run'] == 0:
+            ckpt.save(step, state, data_iter, config_dict)
+          if preemption.requested or ckpt.reached_preemption(step):
+            ckpt.save(step, state, data_iter, config_dict, force=True)
+            ckpt.wait()
+            raise Preempted(f'preempted at step {step}; checkpoint written to {ckpt.directory}')
+        if ckpt.latest_step() != step and int(state.nonfinite_run) == 0:
+          ckpt.save(step, state, data_iter, config_dict, force=True)
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      writer.close()
+  return {k: float(v) for k, v in last.items()}
