@@ -120,6 +120,18 @@ def defaults() -> ConfigDict:
   return c
 
 
+def load(spec: str) -> ConfigDict:
+  """Loads a config file the way --config does: 'configs/base.py' or 'configs/base.py:arg'."""
+  import importlib.util
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('kivfm_config_file', path)
+  if module_spec is None:
+    raise ConfigError(f'cannot load config file {path!r}')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def _schema_errors(cfg: Any, schema: Any, prefix: str) -> list[str]:
   errors = []
   for key in cfg.keys():

@@ -50,12 +50,20 @@ class MetricsWriter:
   Only the lead process (process 0) writes; the others hold a writer that does nothing.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int = 0):
+    """`start_step`: the step training resumes from; records after it (written by a run that
+    was killed before its next checkpoint) are dropped, as that run's steps are redone."""
     self.enabled = enabled
     self._jsonl = self._tb = None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a', buffering=1)
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if os.path.exists(path):
+        kept = [r for r in read_jsonl(path) if r['step'] <= start_step]
+        with open(path + '.tmp', 'w') as f:
+          f.writelines(json.dumps(r) + '\n' for r in kept)
+        os.replace(path + '.tmp', path)
+      self._jsonl = open(path, 'a', buffering=1)
       try:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -79,5 +87,12 @@ class MetricsWriter:
 
 
 def read_jsonl(path: str) -> list[dict]:
+  """Records of a metrics.jsonl; a line cut short by a kill is ignored."""
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

@@ -29,11 +29,13 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def make_mesh(config) -> Mesh:
-  """The device mesh of `config.mesh`, with the -1 entry resolved; axes are GSPMD-style (Auto)."""
-  shape = config_lib.mesh_shape(config, jax.device_count())
+def make_mesh(config, devices=None) -> Mesh:
+  """The device mesh of `config.mesh` over `devices` (default: all), with the -1 entry
+  resolved; axes are GSPMD-style (Auto)."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = config_lib.mesh_shape(config, len(devices))
   axes = tuple(config.mesh.axes)
-  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes))
+  return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 
 
 def _mesh_axes(logical: str | None, rules: dict) -> tuple[str, ...]:
@@ -88,6 +90,20 @@ def host_to_global(local_batch, mesh: Mesh, rules):
   return jax.tree.map(
       lambda x: jax.make_array_from_process_local_data(
           batch_sharding(mesh, rules, np.ndim(x)), np.asarray(x)), local_batch)
+
+
+# Programs that run once (parameter initialisation) compile several times faster this way.
+RUN_ONCE_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
+                             'xla_llvm_disable_expensive_passes': True}
+
+
+def run_once(jitted, *args):
+  """Compiles `jitted` for `args` with cheap compiler options and calls it."""
+  try:
+    compiled = jitted.lower(*args).compile(compiler_options=RUN_ONCE_COMPILER_OPTIONS)
+  except Exception:  # a backend that does not know these options compiles normally
+    compiled = jitted.lower(*args).compile()
+  return compiled(*args)
 
 
 def log_mesh(mesh: Mesh) -> None:

@@ -102,7 +102,7 @@ def build_teachers(config, mesh) -> TeacherSet:
     if tcfg.weights == 'random':
       seed = config.seed + 1000 * (i + 1)
       init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(seed))), out_shardings=shardings)
-      params[alias] = init()
+      params[alias] = sharding.run_once(init)
     else:
       params[alias] = _place(teachers.pretrained_params(spec, tcfg.weights), shardings)
     out = jax.eval_shape(lambda p, x: nnx.merge(graphdef, nnx.State(p))(x), params[alias], probe)
@@ -285,7 +285,7 @@ def build_run(config, mesh) -> Run:
     return state, nnx.to_pure_dict(frozen)
 
   init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
-  state, frozen = init(kb_params)
+  state, frozen = sharding.run_once(init, kb_params)
 
   teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_set.params)
   images_sharding = sharding.batch_sharding(mesh, rules, 4)
@@ -358,7 +358,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info('resumed from step %d', start)
     start = int(state.step)
 
-    writer = metrics.MetricsWriter(workdir, enabled=lead)
+    writer = metrics.MetricsWriter(workdir, enabled=lead, start_step=start)
     progress = metrics.Progress(config.total_steps, start, config.progress if lead else 'none')
     teacher_params = run.teacher_set.params
     last = {}

@@ -1,13 +1,21 @@
-"""One configurable Vision Transformer (DINOv2-style core; options cover other families).
+"""One configurable Vision Transformer: DINOv2 (the defaults), CLIP, SigLIP / SigLIP2 and SAM by options.
 
-Output contract (a dict): 'cls' [B, D] global token after the final norm (or mean-pooled
-patches when the model has no class token), 'patches' [B, h, w, D] patch tokens after the final
-norm, and 'hidden' (a tuple of [B, N, D] token sequences of the layers in `return_layers`).
+Output contract (a dict):
+  'cls'      [B, D] global vector: the class token after the final norm (DINOv2: HF `pooler_output`;
+             CLIP: `post_layernorm(class token)` = HF `pooler_output`), the attention-pooling head
+             output (SigLIP: HF `pooler_output`), else the mean of the patch tokens (SAM);
+  'patches'  [B, h, w, D] patch tokens of the last layer as HF's `last_hidden_state` gives them:
+             after the final norm for DINOv2 / SigLIP, WITHOUT a norm for CLIP (HF applies
+             `post_layernorm` to the class token only) and SAM (before the neck);
+  'hidden'   tuple of [B, N, D] token sequences after the blocks listed in `return_layers`
+             (HF `hidden_states[i + 1]`);
+  'embedding' [B, E] image embedding of the image-text space, unnormalised (CLIP: visual
+             projection of 'cls'; SigLIP: the pooled 'cls'), only for those families;
+  'neck'     [B, h, w, C] SAM neck output (HF SAM vision encoder `last_hidden_state`, NHWC).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -17,76 +25,207 @@ from flax import nnx
 
 from kivfm.models import layers
 
+POS_INTERP = ('bicubic', 'bicubic_aa', 'bilinear_aa')
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
-  """Architecture of a ViT; the defaults are DINOv2-style."""
+  """Architecture of a ViT; the defaults are DINOv2 ViT-S/14 (HF `Dinov2Model`)."""
   width: int = 384
   depth: int = 12
   num_heads: int = 6
-  mlp_dim: int = 1536
+  mlp_dim: int = 1536                    # SwiGLU: the hidden width of one branch
   patch_size: int = 14
   pos_grid: tuple[int, int] = (37, 37)   # grid the position embeddings are stored for
   act: str = 'gelu'                      # gelu | gelu_tanh | quick_gelu | swiglu
   norm_eps: float = 1e-6
   qkv_bias: bool = True
+  patch_bias: bool = True                # CLIP: False
   class_token: bool = True
   num_registers: int = 0
   layerscale: float | None = 1.0         # init value of LayerScale; None = no LayerScale
-  final_norm: bool = True
+  pre_norm: bool = False                 # LayerNorm on the embeddings (CLIP `pre_layrnorm`)
+  final_norm: bool = True                # LayerNorm on every output token (DINOv2, SigLIP)
+  cls_norm: bool = False                 # LayerNorm on 'cls' only (CLIP `post_layernorm`)
+  pos_embed_cls: bool = True             # the table holds a class position (when class_token)
+  # Resizing of the stored position grid, as torch F.interpolate(align_corners=False) does it:
+  # 'bicubic' (a=-0.75; DINOv2, CLIP, SigLIP, SAM off its grid; = ONNX Resize cubic half_pixel),
+  # 'bicubic_aa' (antialias=True; HF DINOv2 with registers), 'bilinear_aa' (SigLIP2 NaFlex).
+  pos_interp: str = 'bicubic'
+  pos_interp_offset: float = 0.0         # original DINOv2 repo: 0.1 (scale_factor=(n + 0.1) / M)
+  window_size: int = 0                   # SAM: windowed attention outside `global_layers`
+  global_layers: tuple[int, ...] = ()
+  rel_pos: bool = False                  # SAM: decomposed relative position embeddings
+  map_head: bool = False                 # SigLIP: attention-pooling head -> 'cls', 'embedding'
+  proj_dim: int | None = None            # CLIP: visual projection (no bias) -> 'embedding'
+  neck_dim: int | None = None            # SAM: conv1x1-LN-conv3x3-LN neck -> 'neck'
+
+  def __post_init__(self):
+    if self.pos_interp not in POS_INTERP:
+      raise ValueError(f'pos_interp {self.pos_interp!r}; allowed: {", ".join(POS_INTERP)}')
+    spatial = self.window_size or self.rel_pos
+    if spatial and (self.class_token or self.num_registers):
+      raise ValueError('windowed attention and relative positions need patch tokens only '
+                       '(class_token=False, num_registers=0)')
 
   @property
   def head_dim(self) -> int:
     return self.width // self.num_heads
 
+  @property
+  def num_pos_extra(self) -> int:
+    """Position-table rows before the patch grid (the class position)."""
+    return int(self.class_token and self.pos_embed_cls)
 
-def cubic_resize_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:
-  """[out, in] matrix of PyTorch's bicubic interpolation (align_corners=False, no antialias)."""
-  scale = in_size / out_size
+
+# ----------------------------------------------------------------------------------- resizing
+
+
+def _cubic(x: float, a: float) -> float:
+  """Keys' cubic convolution kernel."""
+  x = abs(x)
+  if x < 1:
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+  if x < 2:
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+  return 0.0
+
+
+def _triangle(x: float) -> float:
+  return max(0.0, 1.0 - abs(x))
+
+
+def resize_matrix(in_size: int, out_size: int, method: str = 'bicubic',
+                  offset: float = 0.0) -> np.ndarray:
+  """[out, in] matrix of torch `F.interpolate(align_corners=False)` along one axis.
+
+  'bicubic' (a=-0.75) / 'linear': taps around the half-pixel source coordinate, indices clamped to
+  the edge. 'bicubic_aa' (a=-0.5) / 'bilinear_aa': antialias=True, the kernel stretched by the
+  scale when downsampling and its weights normalised. `offset`: the scale is in / (out + offset),
+  as `scale_factor=(out + offset) / in` gives it.
+  """
+  scale = in_size / (out_size + offset)
   m = np.zeros((out_size, in_size), np.float64)
+  if method in ('bicubic', 'linear'):
+    kernel, taps = ((lambda x: _cubic(x, -0.75)), 4) if method == 'bicubic' else (_triangle, 2)
+    for o in range(out_size):
+      src = (o + 0.5) * scale - 0.5
+      first = math.floor(src) - taps // 2 + 1
+      for j in range(first, first + taps):
+        m[o, min(max(j, 0), in_size - 1)] += kernel(src - j)
+    return m
+  kernel, taps = {'bicubic_aa': (lambda x: _cubic(x, -0.5), 4), 'bilinear_aa': (_triangle, 2)}[method]
+  stretch = max(scale, 1.0)
+  support = taps / 2 * stretch
   for o in range(out_size):
-    src = (o + 0.5) * scale - 0.5
-    i0 = math.floor(src)
-    t = src - i0
-    weights = [((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-               ((a + 2) * t - (a + 3)) * t * t + 1,
-               ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1]
-    weights.append(1.0 - sum(weights))
-    for k, w in enumerate(weights):
-      m[o, min(max(i0 - 1 + k, 0), in_size - 1)] += w
+    center = scale * (o + 0.5)
+    lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+    w = np.array([kernel((j - center + 0.5) / stretch) for j in range(lo, hi)])
+    m[o, lo:hi] = w / w.sum()
   return m
 
 
-def resize_pos_embed(grid: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Bicubic resize of a [gh, gw, D] position-embedding grid to `size`, as torch computes it."""
+def resize_pos_embed(grid: jax.Array, size: tuple[int, int], method: str = 'bicubic',
+                     offset: float = 0.0) -> jax.Array:
+  """Resizes a [gh, gw, D] position-embedding grid to `size` exactly as torch does (float32)."""
   if tuple(grid.shape[:2]) == tuple(size):
     return grid
-  mh = jnp.asarray(cubic_resize_matrix(grid.shape[0], size[0]), jnp.float32)
-  mw = jnp.asarray(cubic_resize_matrix(grid.shape[1], size[1]), jnp.float32)
+  mh = jnp.asarray(resize_matrix(grid.shape[0], size[0], method, offset), jnp.float32)
+  mw = jnp.asarray(resize_matrix(grid.shape[1], size[1], method, offset), jnp.float32)
   hp = jax.lax.Precision.HIGHEST
   out = jnp.einsum('oh,hwd->owd', mh, grid.astype(jnp.float32), precision=hp)
   return jnp.einsum('pw,owd->opd', mw, out, precision=hp).astype(grid.dtype)
 
 
-class Attention(nnx.Module):
-  """Multi-head self-attention with separate q, k, v projections."""
+# ---------------------------------------------------------------------------------- attention
 
-  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+
+def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """Softmax attention over [B, N, H, Dh] heads (float32 softmax) -> [B, Nq, H * Dh]."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
+  if bias is not None:
+    logits = logits + bias
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  return out.reshape(*out.shape[:2], -1)
+
+
+def _rel_pos_table(table: jax.Array, size: int) -> jax.Array:
+  """[L, Dh] relative table -> [size, size, Dh] for (query, key) rows; linear resize if L != 2size-1."""
+  length = 2 * size - 1
+  if table.shape[0] != length:
+    m = jnp.asarray(resize_matrix(table.shape[0], length, 'linear'), table.dtype)
+    table = jnp.einsum('ol,ld->od', m, table, precision=jax.lax.Precision.HIGHEST)
+  idx = np.arange(size)[:, None] - np.arange(size)[None, :] + size - 1
+  return table[idx]
+
+
+def rel_pos_bias(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
+                 grid: tuple[int, int]) -> jax.Array:
+  """Decomposed relative-position logits (MViTv2 / SAM) from queries [B, h*w, H, Dh] -> [B, H, N, N]."""
+  (h, w), (b, n, heads, dh) = grid, q.shape
+  qg = q.reshape(b, h, w, heads, dh)
+  bias_h = jnp.einsum('bxyhc,xkc->bhxyk', qg, _rel_pos_table(rel_h, h))
+  bias_w = jnp.einsum('bxyhc,ykc->bhxyk', qg, _rel_pos_table(rel_w, w))
+  return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, n, n)
+
+
+def window_partition(x: jax.Array, size: int) -> jax.Array:
+  """[B, h, w, D] -> [B * nh * nw, size * size, D], zero-padding h and w up to multiples of size."""
+  b, h, w, d = x.shape
+  x = jnp.pad(x, ((0, 0), (0, -h % size), (0, -w % size), (0, 0)))
+  nh, nw = x.shape[1] // size, x.shape[2] // size
+  x = x.reshape(b, nh, size, nw, size, d).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b * nh * nw, size * size, d)
+
+
+def window_unpartition(x: jax.Array, size: int, shape: tuple[int, int, int]) -> jax.Array:
+  """Inverse of `window_partition` for an original [B, h, w] -> [B, h, w, D]."""
+  b, h, w = shape
+  nh, nw = -(-h // size), -(-w // size)
+  x = x.reshape(b, nh, nw, size, size, -1).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, nh * size, nw * size, -1)[:, :h, :w]
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with separate q, k, v projections; optional windows + rel-pos."""
+
+  def __init__(self, cfg: ViTConfig, *, window: int = 0, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d = cfg.width
     self.query = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
     self.key = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
     self.value = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
     self.out = layers.Dense(d, d, axes=('heads', 'embed'), **kw)
-    self.num_heads = cfg.num_heads
+    self.num_heads, self.window, self.dtype = cfg.num_heads, window, dtype
+    if cfg.rel_pos:
+      gh, gw = (window, window) if window else cfg.pos_grid
+      table = lambda n: layers.param(rngs, layers.zeros, (2 * n - 1, cfg.head_dim), (None, None),
+                                     param_dtype)
+      self.rel_pos_h, self.rel_pos_w = table(gh), table(gw)
+    else:
+      self.rel_pos_h = self.rel_pos_w = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, n, d = x.shape
-    split = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(d // self.num_heads)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    return self.out(jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, n, d))
+  def __call__(self, x: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
+    """x [B, N, D]; `grid` (h, w) of the tokens, needed by windows and relative positions."""
+    if not self.window:
+      return self.attend(x, grid)
+    b, _, d = x.shape
+    windows = window_partition(x.reshape(b, *grid, d), self.window)
+    out = self.attend(windows, (self.window, self.window))
+    return window_unpartition(out, self.window, (b, *grid)).reshape(x.shape)
+
+  def attend(self, x: jax.Array, grid: tuple[int, int] | None) -> jax.Array:
+    q, k, v = (_split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
+    bias = None
+    if self.rel_pos_h is not None:
+      cast = lambda p: p[...].astype(self.dtype)
+      bias = rel_pos_bias(q, cast(self.rel_pos_h), cast(self.rel_pos_w), grid)
+    return self.out(_attend(q, k, v, bias))
 
 
 class LayerScale(nnx.Module):
@@ -101,12 +240,12 @@ class LayerScale(nnx.Module):
 
 class Block(nnx.Module):
   """Pre-norm transformer block. `adapter` (set by `kivfm.models.adapters`) runs in parallel:
-  out = block(x) + adapter(x)."""
+  out = block(x) + adapter(x). `window` > 0: windowed attention (SAM)."""
 
-  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ViTConfig, *, window: int = 0, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.norm1 = layers.LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)
-    self.attn = Attention(cfg, **kw)
+    self.attn = Attention(cfg, window=window, **kw)
     self.norm2 = layers.LayerNorm(cfg.width, eps=cfg.norm_eps, **kw)
     self.mlp = layers.Mlp(cfg.width, cfg.mlp_dim, act=cfg.act, **kw)
     if cfg.layerscale is not None:
@@ -116,13 +255,57 @@ class Block(nnx.Module):
       self.ls1 = self.ls2 = None
     self.adapter = None
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, grid: tuple[int, int] | None = None) -> jax.Array:
     scale = lambda ls, h: h if ls is None else ls(h)
-    h = x + scale(self.ls1, self.attn(self.norm1(x)))
+    h = x + scale(self.ls1, self.attn(self.norm1(x), grid))
     h = h + scale(self.ls2, self.mlp(self.norm2(h)))
     if self.adapter is not None:
       h = h + self.adapter(x)
     return h
+
+
+# -------------------------------------------------------------------------------------- heads
+
+
+class MapHead(nnx.Module):
+  """SigLIP multihead attention pooling: a learned probe attends to the tokens, then LN + MLP."""
+
+  def __init__(self, cfg: ViTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d = cfg.width
+    self.probe = layers.param(rngs, layers.trunc_normal, (1, 1, d), (None, None, 'embed'),
+                              param_dtype)
+    self.query = layers.Dense(d, d, axes=('embed', 'heads'), **kw)
+    self.key = layers.Dense(d, d, axes=('embed', 'heads'), **kw)
+    self.value = layers.Dense(d, d, axes=('embed', 'heads'), **kw)
+    self.out = layers.Dense(d, d, axes=('heads', 'embed'), **kw)
+    self.norm = layers.LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.mlp = layers.Mlp(d, cfg.mlp_dim, act=cfg.act, **kw)
+    self.num_heads, self.dtype = cfg.num_heads, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, N, D] tokens -> [B, D]."""
+    probe = jnp.broadcast_to(self.probe[...].astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+    heads = lambda f, t: _split_heads(f(t), self.num_heads)
+    h = self.out(_attend(heads(self.query, probe), heads(self.key, x), heads(self.value, x)))
+    return (h + self.mlp(self.norm(h)))[:, 0]
+
+
+class Neck(nnx.Module):
+  """SAM neck: conv1x1 -> LayerNorm2d -> conv3x3 -> LayerNorm2d, no biases, NHWC."""
+
+  def __init__(self, width: int, channels: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = layers.Conv(width, channels, 1, use_bias=False, axes=('embed', 'conv_out'), **kw)
+    self.norm1 = layers.LayerNorm(channels, eps=1e-6, **kw)
+    self.conv2 = layers.Conv(channels, channels, 3, padding=((1, 1), (1, 1)), use_bias=False, **kw)
+    self.norm2 = layers.LayerNorm(channels, eps=1e-6, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm2(self.conv2(self.norm1(self.conv1(x))))
+
+
+# ---------------------------------------------------------------------------------------- ViT
 
 
 class ViT(nnx.Module):
@@ -133,18 +316,27 @@ class ViT(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg, self.dtype, self.remat = cfg, dtype, remat
     p, d = cfg.patch_size, cfg.width
-    self.patch_embed = layers.Conv(3, d, p, stride=p, padding='VALID', axes=(None, 'embed'), **kw)
-    num_extra = int(cfg.class_token)
-    self.cls_token = (layers.param(rngs, layers.trunc_normal, (1, 1, d), (None, None, 'embed'),
-                                   param_dtype) if cfg.class_token else None)
-    self.registers = (layers.param(rngs, layers.trunc_normal, (1, cfg.num_registers, d),
-                                   (None, 'tokens', 'embed'), param_dtype)
-                      if cfg.num_registers else None)
+    optional = lambda flag, make: make() if flag else None
+    norm = lambda: layers.LayerNorm(d, eps=cfg.norm_eps, **kw)
+    self.patch_embed = layers.Conv(3, d, p, stride=p, padding='VALID', use_bias=cfg.patch_bias,
+                                   axes=(None, 'embed'), **kw)
+    self.cls_token = optional(cfg.class_token, lambda: layers.param(
+        rngs, layers.trunc_normal, (1, 1, d), (None, None, 'embed'), param_dtype))
+    self.registers = optional(cfg.num_registers, lambda: layers.param(
+        rngs, layers.trunc_normal, (1, cfg.num_registers, d), (None, 'tokens', 'embed'),
+        param_dtype))
     gh, gw = cfg.pos_grid
-    self.pos_embed = layers.param(rngs, layers.trunc_normal, (1, num_extra + gh * gw, d),
+    self.pos_embed = layers.param(rngs, layers.trunc_normal, (1, cfg.num_pos_extra + gh * gw, d),
                                   (None, 'tokens', 'embed'), param_dtype)
-    self.blocks = nnx.List([Block(cfg, **kw) for _ in range(cfg.depth)])
-    self.norm = layers.LayerNorm(d, eps=cfg.norm_eps, **kw) if cfg.final_norm else None
+    self.pre_norm = optional(cfg.pre_norm, norm)
+    windows = [0 if i in cfg.global_layers else cfg.window_size for i in range(cfg.depth)]
+    self.blocks = nnx.List([Block(cfg, window=w, **kw) for w in windows])
+    self.norm = optional(cfg.final_norm, norm)
+    self.cls_norm = optional(cfg.cls_norm, norm)
+    self.map_head = optional(cfg.map_head, lambda: MapHead(cfg, **kw))
+    self.proj = optional(cfg.proj_dim, lambda: layers.Dense(
+        d, cfg.proj_dim, axes=('embed', None), use_bias=False, **kw))
+    self.neck = optional(cfg.neck_dim, lambda: Neck(d, cfg.neck_dim, **kw))
 
   def embed(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
     """Patch + position embeddings, class and register tokens -> ([B, N, D], grid)."""
@@ -152,29 +344,47 @@ class ViT(nnx.Module):
     x = self.patch_embed(images)
     b, h, w, d = x.shape
     pos = self.pos_embed[...].astype(self.dtype)
-    n_cls = int(cfg.class_token)
-    grid = pos[0, n_cls:].reshape(*cfg.pos_grid, d)
-    x = x + resize_pos_embed(grid, (h, w)).reshape(1, h, w, d)
-    x = x.reshape(b, h * w, d)
+    grid = pos[0, cfg.num_pos_extra:].reshape(*cfg.pos_grid, d)
+    grid = resize_pos_embed(grid, (h, w), cfg.pos_interp, cfg.pos_interp_offset)
+    x = (x + grid[None]).reshape(b, h * w, d)
     if cfg.class_token:
-      cls = jnp.broadcast_to(self.cls_token[...].astype(self.dtype) + pos[:, :1], (b, 1, d))
-      x = jnp.concatenate([cls, x], axis=1)
+      cls = self.cls_token[...].astype(self.dtype)
+      if cfg.num_pos_extra:
+        cls = cls + pos[:, :1]
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     if self.registers is not None:
       reg = jnp.broadcast_to(self.registers[...].astype(self.dtype), (b, cfg.num_registers, d))
+      n_cls = int(cfg.class_token)
       x = jnp.concatenate([x[:, :n_cls], reg, x[:, n_cls:]], axis=1)
     return x, (h, w)
 
   def __call__(self, images: jax.Array, return_layers: tuple[int, ...] = ()) -> dict:
     cfg = self.cfg
     x, (h, w) = self.embed(images)
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
     hidden = []
     for i, block in enumerate(self.blocks):
-      x = nnx.remat(type(block).__call__)(block, x) if self.remat else block(x)
+      if self.remat:
+        x = nnx.remat(lambda blk, t: blk(t, (h, w)))(block, x)
+      else:
+        x = block(x, (h, w))
       if i in return_layers:
         hidden.append(x)
     if self.norm is not None:
       x = self.norm(x)
-    n_prefix = int(cfg.class_token) + cfg.num_registers
-    patches = x[:, n_prefix:]
-    cls = x[:, 0] if cfg.class_token else patches.mean(axis=1)
-    return {'cls': cls, 'patches': patches.reshape(x.shape[0], h, w, -1), 'hidden': tuple(hidden)}
+    patches = x[:, int(cfg.class_token) + cfg.num_registers:]
+    if self.map_head is not None:
+      cls = self.map_head(x)
+    else:
+      cls = x[:, 0] if cfg.class_token else patches.mean(axis=1)
+    if self.cls_norm is not None:
+      cls = self.cls_norm(cls)
+    out = {'cls': cls, 'patches': patches.reshape(x.shape[0], h, w, -1), 'hidden': tuple(hidden)}
+    if self.proj is not None:
+      out['embedding'] = self.proj(cls)
+    elif self.map_head is not None:
+      out['embedding'] = cls
+    if self.neck is not None:
+      out['neck'] = self.neck(out['patches'])
+    return out

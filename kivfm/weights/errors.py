@@ -1,12 +1,22 @@
-"""Errors raised while locating, verifying and reading weight files, plus a key/shape check.
+"""Errors raised while locating, verifying and reading weight files, and the checks raising them.
 
-Every message names the file (or source) involved and says what to do about it.
+Every message names the file (or source) involved; MissingWeightFileError also says how to get it.
 """
 from __future__ import annotations
 
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+# What malformed input can raise anywhere while parsing; readers turn these into
+# CorruptWeightFileError.
+PARSE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+                AttributeError, struct.error, zipfile.BadZipFile, OverflowError, RecursionError)
 
 
 class WeightFileError(Exception):
@@ -16,7 +26,7 @@ class WeightFileError(Exception):
 class CorruptWeightFileError(WeightFileError):
   """The file is truncated, garbled or not in the format its name claims."""
 
-  def __init__(self, path, reason: str):
+  def __init__(self, path: str | os.PathLike, reason: str):
     self.path, self.reason = str(path), reason
     super().__init__(f'{path}: corrupt or truncated weight file: {reason}')
 
@@ -24,7 +34,7 @@ class CorruptWeightFileError(WeightFileError):
 class ChecksumMismatchError(WeightFileError):
   """The file's sha256 differs from the one the weight source pins."""
 
-  def __init__(self, path, expected: str, actual: str):
+  def __init__(self, path: str | os.PathLike, expected: str, actual: str):
     self.path, self.expected, self.actual = str(path), expected, actual
     super().__init__(
         f'{path}: sha256 mismatch: expected {expected}, got {actual}. The file is damaged or '
@@ -34,7 +44,7 @@ class ChecksumMismatchError(WeightFileError):
 class UnsafeCheckpointError(WeightFileError):
   """The pickle asks for something that rebuilding tensors never needs; nothing was executed."""
 
-  def __init__(self, path, forbidden: str):
+  def __init__(self, path: str | os.PathLike, forbidden: str):
     self.path, self.forbidden = str(path), forbidden
     super().__init__(
         f'{path}: refusing to load: the pickle references {forbidden}, which is not needed to '
@@ -43,6 +53,14 @@ class UnsafeCheckpointError(WeightFileError):
 
 class MissingWeightFileError(WeightFileError):
   """The weight file is not available locally; the message says how to get it."""
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+  """`path` as a Path; MissingWeightFileError if it is not a file."""
+  path = Path(path)
+  if not path.is_file():
+    raise MissingWeightFileError(f'{path}: no such weight file')
+  return path
 
 
 class ShapeMismatchError(WeightFileError):

@@ -8,7 +8,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -16,8 +15,8 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from kivfm.weights.errors import CorruptWeightFileError, MissingWeightFileError
-from kivfm.weights.torch_pickle import PARSE_ERRORS, read_torch_restricted
+from kivfm.weights.errors import PARSE_ERRORS, CorruptWeightFileError, existing_file
+from kivfm.weights.torch_pickle import read_torch_restricted
 
 SAFETENSORS_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
@@ -29,13 +28,6 @@ MAX_SAFETENSORS_HEADER = 100 << 20
 STATE_DICT_KEYS = ('state_dict', 'model_state_dict', 'model', 'module', 'net')
 # npz entry recording arrays stored as unsigned ints because numpy cannot name their dtype.
 NPZ_DTYPES_KEY = '__dtypes__'
-
-
-def existing_file(path) -> Path:
-  path = Path(path)
-  if not path.is_file():
-    raise MissingWeightFileError(f'{path}: no such weight file')
-  return path
 
 
 def flatten(tree: Mapping, sep: str = '/') -> dict[str, Any]:
@@ -122,7 +114,7 @@ def _torch_load(path: Path):
   import torch
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
-  except Exception:  # noqa: BLE001 - the restricted reader then reports what is wrong.
+  except Exception:  # any failure: the restricted reader then reports what is wrong.
     return None
   return _map_leaves(obj, lambda x: _torch_to_numpy(x) if isinstance(x, torch.Tensor) else x)
 
@@ -182,13 +174,18 @@ def load_onnx(path):
   from google.protobuf.message import DecodeError
   path = existing_file(path)
   try:
-    return onnx.load(path)
+    model = onnx.load(path)
   except (DecodeError, OSError, *PARSE_ERRORS) as error:
     raise CorruptWeightFileError(path, f'cannot parse ONNX model: {error}') from error
+  if not model.graph.node:  # protobuf reads an empty file as an empty model
+    raise CorruptWeightFileError(path, 'ONNX model without graph nodes')
+  return model
 
 
 def _onnx_model(model_or_path):
-  return load_onnx(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+  if isinstance(model_or_path, (str, os.PathLike)):
+    return load_onnx(model_or_path)
+  return model_or_path
 
 
 def read_onnx_initializers(model_or_path) -> dict[str, np.ndarray]:
@@ -230,9 +227,10 @@ def save_npz(path, flat: Mapping[str, np.ndarray]) -> None:
     raise ValueError(f'{NPZ_DTYPES_KEY!r} is reserved')
   arrays[NPZ_DTYPES_KEY] = np.array(json.dumps(dtypes))
   path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.tmp', delete=False) as file:
+  partial = path.with_name(path.name + '.partial')
+  with open(partial, 'wb') as file:
     np.savez(file, **arrays)
-  os.replace(file.name, path)
+  os.replace(partial, path)
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
@@ -276,5 +274,5 @@ def _sniff_reader(path: Path) -> Callable[[Path], dict[str, np.ndarray]]:
 def read(path) -> dict[str, np.ndarray]:
   """Any supported weight file -> flat arrays, chosen by extension, else by magic bytes."""
   path = existing_file(path)
-  return READERS.get(path.suffix.lower(), _sniff_reader)(path) if path.suffix.lower() in READERS \
-      else _sniff_reader(path)(path)
+  reader = READERS.get(path.suffix.lower()) or _sniff_reader(path)
+  return reader(path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 import pickle
 import struct
 import zipfile
@@ -27,25 +28,22 @@ from typing import Any, BinaryIO, Callable
 import ml_dtypes
 import numpy as np
 
-from kivfm.weights.errors import CorruptWeightFileError, UnsafeCheckpointError
+from kivfm.weights.errors import (PARSE_ERRORS, CorruptWeightFileError, UnsafeCheckpointError,
+                                  existing_file)
 
 LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 
-# torch.<Name>Storage -> element type.
+# torch.<Name>Storage -> element type (torch.storage.UntypedStorage holds bytes).
 STORAGE_DTYPES = {
     'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
     'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
     'BoolStorage': np.bool_, 'ComplexFloatStorage': np.complex64,
-    'ComplexDoubleStorage': np.complex128, 'UntypedStorage': np.uint8}
+    'ComplexDoubleStorage': np.complex128}
 # Dtypes that torch pickles as globals (torch.uint16, ...) for `_rebuild_tensor_v3`.
 TENSOR_DTYPES = {'uint16': np.uint16, 'uint32': np.uint32, 'uint64': np.uint64,
                  'float8_e4m3fn': ml_dtypes.float8_e4m3fn, 'float8_e5m2': ml_dtypes.float8_e5m2}
-
-# Errors that malformed input can raise anywhere while parsing.
-PARSE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, struct.error, zipfile.BadZipFile, OverflowError, RecursionError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +114,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
     ('torch._utils', '_rebuild_parameter_with_state'): _rebuild_parameter_with_state,
     **{('torch', name): _StorageType(np.dtype(dtype)) for name, dtype in STORAGE_DTYPES.items()},
+    ('torch.storage', 'UntypedStorage'): _StorageType(np.dtype(np.uint8)),
     **{('torch', name): np.dtype(dtype) for name, dtype in TENSOR_DTYPES.items()},
 }
 
@@ -203,10 +202,10 @@ def _read_zip(path: Path):
 
 
 def _read_exact(file: BinaryIO, size: int) -> bytes:
-  data = file.read(size)
-  if len(data) != size:
-    raise EOFError(f'file ends {size - len(data)} bytes early while reading storage data')
-  return data
+  left = os.fstat(file.fileno()).st_size - file.tell()
+  if size > left:
+    raise EOFError(f'file ends {size - left} bytes early while reading storage data')
+  return file.read(size)
 
 
 def _read_legacy(path: Path):
@@ -222,7 +221,10 @@ def _read_legacy(path: Path):
     return _StorageRef(key, root.dtype, offset * root.dtype.itemsize)
 
   with open(path, 'rb') as file:
-    plain = lambda: _RestrictedUnpickler(file, path).load()
+
+    def plain():  # a pickle without tensors
+      return _RestrictedUnpickler(file, path).load()
+
     if plain() != LEGACY_MAGIC_NUMBER:
       raise ValueError('bad magic number: neither a zip nor a legacy torch checkpoint')
     if (version := plain()) != LEGACY_PROTOCOL_VERSION:
@@ -246,7 +248,7 @@ def read_torch_restricted(path) -> Any:
   Only plain containers and tensors are rebuilt; bfloat16 stays `ml_dtypes.bfloat16`.
   Raises UnsafeCheckpointError for any other global, CorruptWeightFileError when malformed.
   """
-  path = Path(path)
+  path = existing_file(path)
   try:
     return _read_zip(path) if zipfile.is_zipfile(path) else _read_legacy(path)
   except PARSE_ERRORS as error:

