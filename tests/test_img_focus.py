@@ -37,7 +37,8 @@ def _photos() -> np.ndarray:
 def _onnxruntime(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """(hidden tokens, saliency [B, 1, H, W]) from the graph with the backbone output exposed."""
   model = onnx.load(path)
-  model.graph.output.append(onnx.helper.make_tensor_value_info(HIDDEN, onnx.TensorProto.FLOAT, None))
+  exposed = onnx.helper.make_tensor_value_info(HIDDEN, onnx.TensorProto.FLOAT, None)
+  model.graph.output.append(exposed)
   options = ort.SessionOptions()
   options.intra_op_num_threads = 2
   session = ort.InferenceSession(model.SerializeToString(), options,

@@ -13,7 +13,7 @@ from flax import nnx
 
 transformers = pytest.importorskip('transformers')
 
-from kivfm.models.vit import ViT, resize_matrix  # noqa: E402
+from kivfm.models.vit import ViT, ViTConfig, resize_matrix  # noqa: E402
 from kivfm.teachers import vit_port  # noqa: E402
 from kivfm.weights.errors import ShapeMismatchError  # noqa: E402
 
@@ -50,8 +50,12 @@ def _compare(ours: dict, ref: dict, label: str) -> None:
   errors = {}
   for key, want in ref.items():
     got = ours[key]
-    pairs = zip(got, want) if key == 'hidden' else [(got, want)]
-    errors[key] = max(float(np.abs(np.asarray(g) - np.asarray(w)).max()) for g, w in pairs)
+    if key != 'hidden':
+      got, want = [got], [want]
+    assert len(got) == len(want), (label, key, len(got), len(want))
+    for g, w in zip(got, want):
+      assert np.shape(g) == np.shape(w), (label, key, np.shape(g), np.shape(w))
+    errors[key] = max(float(np.abs(np.asarray(g) - np.asarray(w)).max()) for g, w in zip(got, want))
   print(f'{label}: ' + ', '.join(f'{k} {v:.1e}' for k, v in errors.items()))
   assert max(errors.values()) <= TOL, (label, errors)
   assert float(np.abs(np.asarray(ref['patches'])).mean()) > 0.05, 'degenerate reference'
@@ -108,9 +112,9 @@ def _to_hub_names(state: dict, prefix: str) -> dict:
 
 def _to_original(state: dict, depth: int) -> dict:
   """transformers-5 DINOv2 state dict -> the facebookresearch/dinov2 layout (fused qkv, w12/w3)."""
-  out = {'cls_token': state['embeddings.cls_token'], 'pos_embed': state['embeddings.position_embeddings'],
-         'mask_token': state['embeddings.mask_token'], 'norm.weight': state['layernorm.weight'],
-         'norm.bias': state['layernorm.bias']}
+  out = {'cls_token': state['embeddings.cls_token'], 'mask_token': state['embeddings.mask_token'],
+         'pos_embed': state['embeddings.position_embeddings'],
+         'norm.weight': state['layernorm.weight'], 'norm.bias': state['layernorm.bias']}
   if 'embeddings.register_tokens' in state:
     out['register_tokens'] = state['embeddings.register_tokens']
   for t in ('weight', 'bias'):
@@ -126,9 +130,11 @@ def _to_original(state: dict, depth: int) -> dict:
       if a + f'mlp.fc1.{t}' in state:
         out[f'{b}mlp.fc1.{t}'], out[f'{b}mlp.fc2.{t}'] = get(f'mlp.fc1.{t}'), get(f'mlp.fc2.{t}')
       else:
-        out[f'{b}mlp.w12.{t}'] = np.concatenate([get(f'mlp.gate_proj.{t}'), get(f'mlp.up_proj.{t}')])
+        gate, up = get(f'mlp.gate_proj.{t}'), get(f'mlp.up_proj.{t}')
+        out[f'{b}mlp.w12.{t}'] = np.concatenate([gate, up])
         out[f'{b}mlp.w3.{t}'] = get(f'mlp.down_proj.{t}')
-    out[f'{b}ls1.gamma'], out[f'{b}ls2.gamma'] = get('layer_scale1.lambda1'), get('layer_scale2.lambda1')
+    out[f'{b}ls1.gamma'] = get('layer_scale1.lambda1')
+    out[f'{b}ls2.gamma'] = get('layer_scale2.lambda1')
   return out
 
 
@@ -168,7 +174,8 @@ def test_dinov2_hf(name, registers):
 def test_dinov2_original_layout(name, registers):
   hf, cfg = _dinov2_case(name, registers, seed=2)
   state = _to_original(_state(hf), cfg.depth)
-  _dinov2_check(hf, cfg, vit_port.from_dinov2_original(state, cfg), f'dinov2-orig {name}')
+  pure = vit_port.from_dinov2_original(state, cfg)
+  _dinov2_check(hf, cfg, pure, f'dinov2-orig {name} reg{registers}')
 
 
 def test_port_reports_every_key_problem():
@@ -226,7 +233,8 @@ SIGLIP = {
 def _siglip_ref(out, cfg, size) -> dict:
   grid = _grid(size, cfg.patch_size)
   last = _np(out.last_hidden_state)
-  ref = {'patches': last.reshape(BATCH, *grid, -1), 'hidden': [_np(h) for h in out.hidden_states[1:]]}
+  ref = {'patches': last.reshape(BATCH, *grid, -1),
+         'hidden': [_np(h) for h in out.hidden_states[1:]]}
   if cfg.map_head:
     ref.update(cls=_np(out.pooler_output), embedding=_np(out.pooler_output))
   else:
@@ -328,6 +336,16 @@ def test_sam(name):
   with torch.no_grad():
     hidden, neck = _sam_layers(hf.vision_encoder, x)
   _compare(ours(x), _sam_ref(hidden, neck), f'sam {name} {other}')
+
+
+def test_class_token_without_position_row():
+  """pos_embed_cls=False (timm `no_embed_class`): the table covers the patches only."""
+  cfg = ViTConfig(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=8, pos_grid=(4, 4),
+                  pos_embed_cls=False)
+  model = ViT(cfg, rngs=nnx.Rngs(0))
+  assert model.pos_embed.shape == (1, 16, 32)
+  tokens, _ = model.embed(np.zeros((1, 32, 32, 3), np.float32))
+  np.testing.assert_array_equal(tokens[0, 0], model.cls_token[0, 0])
 
 
 def test_sam_full_model_ignores_prompt_and_mask_parts():

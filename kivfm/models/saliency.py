@@ -15,13 +15,13 @@ from kivfm.models.efficientnet import BatchNorm
 
 class ConvTranspose(nnx.Module):
   """Transposed convolution as torch / ONNX define it. The kernel is torch's [in, out, kh, kw]
-  weight laid out as (kh, kw, in, out) without flipping; output size (n - 1) * stride - 2 * padding + k."""
+  weight laid out as (kh, kw, in, out), unflipped; output size (n - 1) * stride - 2 * pad + k."""
 
   def __init__(self, in_features: int, out_features: int, kernel_size: int, *, stride: int,
                padding: int, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     shape = (kernel_size, kernel_size, in_features, out_features)
-    self.kernel = layers.param(rngs, layers.lecun_normal, shape, (None, None, 'conv_in', 'conv_out'),
-                               param_dtype)
+    axes = (None, None, 'conv_in', 'conv_out')
+    self.kernel = layers.param(rngs, layers.lecun_normal, shape, axes, param_dtype)
     self.bias = layers.param(rngs, layers.zeros, (out_features,), ('conv_out',), param_dtype)
     self.stride, self.padding, self.dtype = stride, padding, dtype
 

