@@ -17,7 +17,7 @@ def maybe_initialize_distributed(config) -> None:
   d = config.distributed
   if not d.enabled or jax.distributed.is_initialized():
     return
-  if jax.default_backend() == 'cpu' or d.cpu_collectives:
+  if d.cpu_collectives:  # used only by CPU devices; touching the backend here is not allowed
     jax.config.update('jax_cpu_collectives_implementation', d.cpu_collectives)
   kwargs = {}
   if d.coordinator_address:

@@ -96,7 +96,7 @@ def test_zscore_standardises_its_own_data():
   stats = stats_of(x)
   norm = normalizers.make('zscore', 16, stats=stats, eps=0.0)
   y = np.asarray(norm(jnp.asarray(x)), np.float64).reshape(-1, 16)
-  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-5)
+  np.testing.assert_allclose(y.mean(0), 0.0, atol=1e-4)  # float32 x - mean
   np.testing.assert_allclose(y.var(0), 1.0, rtol=1e-5)
   np.testing.assert_allclose(norm.inverse(norm(x)), x, rtol=1e-5, atol=1e-4)
   same = normalizers.ZScore(16, mean=stats.mean, var=stats.var, eps=0.0)
@@ -177,11 +177,15 @@ def test_hadamard_absent_for_unsupported_orders(n):
     normalizers.balancing_rotation(np.ones(n), 'hadamard')
 
 
-@pytest.mark.parametrize('channels, method', [(384, 'auto'), (96, 'auto'), (1280, 'auto'),
-                                              (6, 'auto'), (7, 'auto'), (64, 'givens')])
+@pytest.mark.parametrize('channels, method', [
+    (384, 'auto'),  # Paley I (q = 11) x Sylvester 32
+    (96, 'auto'),  # Paley I (q = 11) x Sylvester 8
+    (36, 'auto'),  # Paley II (q = 17)
+    (6, 'auto'),  # no Hadamard matrix: Givens fallback
+    (64, 'givens')])
 def test_phi_s_equal_unit_variance_and_exact_inverse(channels, method):
   rng = np.random.default_rng(channels)
-  x = correlated_features(rng, max(4 * channels, 256), channels)
+  x = correlated_features(rng, max(2 * channels, 256), channels)
   stats = stats_of(x)
   norm = normalizers.PhiS.from_stats(stats.mean, stats.cov, method=method)
   y = norm(jnp.asarray(x))
