@@ -98,12 +98,15 @@ class FeatureStats:
   @classmethod
   def load(cls, path: str | os.PathLike) -> FeatureStats:
     """Reads a file written by `save`."""
-    with np.load(path, allow_pickle=False) as data:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):
+      raise ValueError(f'feature statistics file {os.fspath(path)!r} is not an .npz archive')
+    with data:
       missing = [key for key in _KEYS if key not in data.files]
       if missing:
         raise ValueError(f'feature statistics file {os.fspath(path)!r} lacks keys {missing} '
-                       f'(has {sorted(data.files)}); expected {list(_KEYS)} as written by '
-                       f'FeatureStats.save')
+                         f'(has {sorted(data.files)}); expected {list(_KEYS)} as written by '
+                         f'FeatureStats.save')
       count, mean, m2 = int(data['count']), data['mean'], data['m2']
     if mean.ndim != 1 or m2.shape != (mean.size, mean.size):
       raise ValueError(f'feature statistics file {os.fspath(path)!r}: mean {mean.shape} and '

@@ -29,6 +29,8 @@ from kivfm.models.kpu import KPU
 from kivfm.models.student import Student
 from kivfm.models.unifier import Unifier
 from kivfm.teachers import registry
+from kivfm.weights import readers
+from kivfm.weights.errors import check_keys_and_shapes
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -83,11 +85,17 @@ class TeacherSet:
     return out
 
 
-def _place(host_params: dict, shardings: dict) -> dict:
-  """numpy tree -> global jax.Arrays with `shardings` (works across processes)."""
-  return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: x[idx]),
-      host_params, shardings)
+def _place(params: dict, abstract_state: nnx.State, shardings: dict, source: str) -> dict:
+  """Host parameters -> global jax.Arrays with `shardings`, after checking every key and shape
+  against the model (works across processes: each fills only its own shards)."""
+  flat = readers.flatten(params)
+  check_keys_and_shapes({path_str(p): v.shape for p, v in nnx.to_flat_state(abstract_state)},
+                        flat, source)
+
+  def one(path, s):
+    x = np.asarray(flat[path_str(path)], np.float32)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+  return jax.tree_util.tree_map_with_path(one, shardings)
 
 
 def build_teachers(config, mesh) -> TeacherSet:
@@ -104,7 +112,8 @@ def build_teachers(config, mesh) -> TeacherSet:
       init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(seed))), out_shardings=shardings)
       params[alias] = sharding.run_once(init)
     else:
-      params[alias] = _place(teachers.pretrained_params(spec, tcfg.weights), shardings)
+      params[alias] = _place(teachers.pretrained_params(spec, tcfg.weights), abstract_state,
+                             shardings, f'teacher {alias} ({spec.name})')
     out = jax.eval_shape(lambda p, x: nnx.merge(graphdef, nnx.State(p))(x), params[alias], probe)
     shapes[alias] = (out['cls'].shape[-1], tuple(out['patches'].shape[1:3]))
     graphdefs[alias], specs[alias] = graphdef, spec
@@ -133,7 +142,9 @@ def param_groups(config, abstract_state: nnx.State) -> dict:
   """path -> lr multiplier of every trainable parameter (first matching group wins)."""
   groups = [(re.compile(rx), float(mult)) for rx, mult in config.optim.groups]
   matched, used = {}, set()
-  for path, _ in nnx.to_flat_state(abstract_state):
+  for path, variable in nnx.to_flat_state(abstract_state):
+    if not isinstance(variable, nnx.Param):
+      continue  # statistics and other state are never trained
     name = path_str(path)
     for rx, mult in groups:
       if rx.fullmatch(name):

