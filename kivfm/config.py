@@ -17,6 +17,7 @@ ConfigDict = ml_collections.ConfigDict
 DTYPES = ('float32', 'bfloat16')
 ADAPTERS = ('bottleneck', 'lora', 'none')
 DISTANCES = ('cosine', 'smooth_l1', 'mse', 'cos_smooth_l1')
+NORMALIZERS = ('none', 'zscore', 'ema_zscore', 'phi_s')
 MESH_AXES = ('data', 'fsdp', 'model')
 
 # Logical axis -> mesh axes. Every logical name used by a model must appear here.
@@ -94,13 +95,23 @@ def defaults() -> ConfigDict:
       remat=False,                    # rematerialise transformer blocks
   ))
   c.teachers = ConfigDict()
-  c.unifier = ConfigDict(dict(hidden=1024, layers=2))
+  c.unifier = ConfigDict(dict(
+      hidden=1024,                    # s2t MLP hidden width
+      layers=2,                       # s2t MLP depth
+      shared_dim=256,                 # width of the shared latent space; 0 = teacher space only
+      normalizer='none',              # teacher features: none | zscore | ema_zscore | phi_s
+      ema_momentum=0.99,
+      stats_dir='',                   # zscore / phi_s statistics (default DIR/teacher_stats)
+  ))
   c.loss = ConfigDict(dict(
       patch='cos_smooth_l1',          # distance on patch maps
       global_='cosine',               # distance on global vectors
       cos_weight=0.9,                 # mix of cos_smooth_l1: cos_weight * (1-cos) + rest * SmoothL1
       global_weight=1.0,
       patch_weight=1.0,
+      shared_weight=1.0,              # lambda: alignment in the shared latent space
+      recon_weight=1.0,               # codes must reconstruct the teacher features (anti-collapse)
+      preservation_weight=0.1,        # distance of the student to the knowledge-base teacher
   ))
   c.optim = ConfigDict(dict(
       lr=1e-3,
@@ -210,6 +221,10 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
   _allowed('loss.patch', config.loss.patch, DISTANCES)
   _allowed('loss.global_', config.loss.global_, DISTANCES)
   _allowed('data.source', config.data.source, ('synthetic',))
+  _allowed('unifier.normalizer', config.unifier.normalizer, NORMALIZERS)
+  if config.unifier.shared_dim < 0:
+    raise ConfigError(f'config.unifier.shared_dim={config.unifier.shared_dim} must be >= 0 '
+                      f'(0 = teacher space only)')
   _positive(config, 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
             'max_consecutive_nonfinite', 'data.batch_size', 'data.image_size',
             'data.num_examples', 'student.adapter_dim', 'student.lora_rank', 'unifier.hidden',

@@ -1,8 +1,10 @@
-"""Distances between student predictions and teacher features, and per-teacher loss assembly."""
+"""Distances, and the KPU objective: per-teacher terms, shared space, preservation, diagnostics."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from kivfm.models import layers
 
 
 def _cosine_distance(pred, target):
@@ -43,19 +45,60 @@ def distance(name: str, pred: jax.Array, target: jax.Array, cos_weight: float = 
   raise ValueError(f'unknown distance {name!r}; allowed: cosine, smooth_l1, mse, cos_smooth_l1')
 
 
-def teacher_space_losses(pred: dict, targets: dict, weights: dict, loss_cfg) -> tuple:
-  """Per-teacher losses in each teacher's own space.
+def _pair_distance(name: str, pred: dict, target: dict, cfg) -> jax.Array:
+  """Global + patch distance of a {'cls', 'patches'} pair."""
+  return (cfg.global_weight * distance(cfg.global_, pred['cls'], target['cls'], cfg.cos_weight) +
+          cfg.patch_weight * distance(name, pred['patches'], target['patches'], cfg.cos_weight))
 
-  pred / targets: alias -> {'cls': [B, D_t], 'patches': [B, h, w, D_t]}; weights: alias -> w_t.
-  Returns (total = sum_t w_t * loss_t, {alias: loss_t}).
+
+def _cosine_fidelity(pred: jax.Array, target: jax.Array) -> jax.Array:
+  return 1.0 - _cosine_distance(pred, target)
+
+
+def objective(model, images: jax.Array, targets: dict, weights: dict, knowledge_base: str,
+              cfg) -> tuple[jax.Array, dict]:
+  """The KPU loss of `model` (a KPU) on a batch, and per-teacher terms and diagnostics.
+
+  per teacher t:  s2t_t    = d(p_t, N_t(g_t))                       (teacher space)
+                  shared_t = d_cos(z_s, z_t) + recon * d(R_t(z_t), N_t(g_t))
+                  loss_t   = s2t_t + shared_weight * shared_t
+  total = sum_t w_t loss_t + preservation_weight * d(f(I), g_kb(I)).
+  Collapse of the trainable teacher encoders E_t (a constant code makes d_cos vanish) is
+  prevented by the reconstruction term: a constant code cannot reconstruct N_t(g_t), and the
+  s2t term keeps the student anchored to the fixed teacher targets.
   """
-  per_teacher = {}
+  student = model.student(images)
+  predictions = model.unifier(student)
+  normalized = model.unifier.normalize(targets)
+  shared = model.unifier.shared(student, normalized) if model.unifier.shared_dim else {}
+  terms, scalars = {}, {}
   for alias in sorted(targets):
-    p, t = pred[alias], targets[alias]
-    per_teacher[alias] = (
-        loss_cfg.global_weight * distance(loss_cfg.global_, p['cls'], t['cls'],
-                                          loss_cfg.cos_weight) +
-        loss_cfg.patch_weight * distance(loss_cfg.patch, p['patches'], t['patches'],
-                                         loss_cfg.cos_weight))
-  total = sum(weights[a] * per_teacher[a] for a in per_teacher)
-  return total, per_teacher
+    s2t = _pair_distance(cfg.patch, predictions[alias], normalized[alias], cfg)
+    loss = s2t
+    scalars[f's2t/{alias}'] = s2t
+    if alias in shared:
+      sh = shared[alias]
+      align = _pair_distance('cosine', sh['student'], sh['teacher'], cfg)
+      recon = _pair_distance(cfg.patch, sh['recon'], sh['target'], cfg)
+      loss = loss + cfg.shared_weight * (align + cfg.recon_weight * recon)
+      scalars[f'shared/{alias}'], scalars[f'recon/{alias}'] = align, recon
+    terms[alias] = loss
+    raw = targets[alias]
+    in_teacher_space = model.unifier.to_teacher_space(alias, predictions[alias])
+    scalars[f'teacher_norm/{alias}'] = jnp.linalg.norm(
+        raw['patches'].astype(jnp.float32), axis=-1).mean()
+    scalars[f'prediction_norm/{alias}'] = jnp.linalg.norm(
+        in_teacher_space['patches'].astype(jnp.float32), axis=-1).mean()
+    scalars[f'fidelity/{alias}'] = _cosine_fidelity(in_teacher_space['patches'], raw['patches'])
+    scalars[f'fidelity_cls/{alias}'] = _cosine_fidelity(in_teacher_space['cls'], raw['cls'])
+  total = sum(weights[a] * terms[a] for a in terms)
+  if cfg.preservation_weight:
+    kb = targets[knowledge_base]
+    own = {'cls': student['cls'],
+           'patches': layers.resize_images(student['patches'], kb['patches'].shape[1:3])}
+    preservation = _pair_distance(cfg.patch, own, kb, cfg)
+    total = total + cfg.preservation_weight * preservation
+    scalars['preservation'] = preservation
+  scalars.update({f'loss/{a}': v for a, v in terms.items()})
+  return total, scalars
+

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kivfm import checkpointing, config as config_lib, losses, metrics, sharding, teachers
 from kivfm.data import pipeline
+from kivfm.models import normalizers
 from kivfm.models.kpu import KPU
 from kivfm.models.student import Student
 from kivfm.models.unifier import Unifier
@@ -43,6 +44,7 @@ class NonFiniteError(RuntimeError):
 class TrainState:
   step: jax.Array
   params: dict                    # trainable parameters only (pure dict)
+  stats: dict                     # teacher-feature normaliser statistics (EMA ones move)
   opt_state: Any
   nonfinite_run: jax.Array        # consecutive skipped updates
   nonfinite_total: jax.Array      # skipped updates in the whole run
@@ -133,8 +135,10 @@ def build_kpu(config, teacher_set: TeacherSet, seed: int) -> KPU:
                     adapter=s.adapter, adapter_dim=s.adapter_dim, adapter_scale=s.adapter_scale,
                     lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, remat=s.remat, dtype=dtype,
                     rngs=rngs)
-  unifier = Unifier(kb.arch.width, teacher_set.shapes, hidden=config.unifier.hidden,
-                    depth=config.unifier.layers, dtype=dtype, rngs=rngs)
+  u = config.unifier
+  unifier = Unifier(kb.arch.width, teacher_set.shapes, hidden=u.hidden, depth=u.layers,
+                    shared_dim=u.shared_dim, normalizer=u.normalizer, momentum=u.ema_momentum,
+                    dtype=dtype, rngs=rngs)
   return KPU(student, unifier)
 
 
@@ -206,13 +210,17 @@ def make_train_step(config, kpu_graphdef, teacher_set: TeacherSet, tx):
 
   def train_step(state: TrainState, frozen: dict, teacher_params: dict, images: jax.Array):
     targets = teacher_set.forward(teacher_params, images)
+    merge = lambda params, stats: nnx.merge(kpu_graphdef, nnx.State(params), nnx.State(stats),
+                                           nnx.State(frozen))
+    model = merge(state.params, state.stats)
+    model.unifier.update_stats(targets)
+    stats = nnx.to_pure_dict(nnx.state(model, normalizers.NormStats))
 
     def loss_fn(params):
-      model = nnx.merge(kpu_graphdef, nnx.State(params), nnx.State(frozen))
-      out = model(images)
-      return losses.teacher_space_losses(out['pred'], targets, weights, config.loss)
+      return losses.objective(merge(params, stats), images, targets, weights,
+                              config.student.knowledge_base, config.loss)
 
-    (loss, per_teacher), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -221,11 +229,11 @@ def make_train_step(config, kpu_graphdef, teacher_set: TeacherSet, tx):
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     run = jnp.where(finite, 0, state.nonfinite_run + 1)
     new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           stats=keep(stats, state.stats),
                            opt_state=keep(opt_state, state.opt_state), nonfinite_run=run,
                            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32))
     scalars = {'loss': loss, 'grad_norm': grad_norm, 'lr': schedule(state.step),
-               'nonfinite_total': new_state.nonfinite_total, 'nonfinite_run': run,
-               **{f'loss/{a}': v for a, v in per_teacher.items()}}
+               'nonfinite_total': new_state.nonfinite_total, 'nonfinite_run': run, **terms}
     return new_state, scalars
 
   return train_step
@@ -271,14 +279,16 @@ def build_run(config, mesh) -> Run:
   _, abstract_full = abstract_split(make)
   multipliers = param_groups(config, abstract_full)
   is_trainable = lambda path, _: path_str(path) in multipliers
-  kpu_graphdef, abstract_train, abstract_frozen = abstract_split(make, is_trainable, ...)
+  kpu_graphdef, abstract_train, abstract_stats, abstract_frozen = abstract_split(
+      make, is_trainable, normalizers.NormStats, ...)
   train_shardings = sharding.state_shardings(abstract_train, rules, mesh)
+  stats_shardings = sharding.state_shardings(abstract_stats, rules, mesh)
   frozen_shardings = sharding.state_shardings(abstract_frozen, rules, mesh)
   abstract_params = nnx.to_pure_dict(abstract_train)
   tx = make_optimizer(config, abstract_params, multipliers)
   replicated = NamedSharding(mesh, P())
   state_shardings = TrainState(
-      step=replicated, params=train_shardings,
+      step=replicated, params=train_shardings, stats=stats_shardings,
       opt_state=opt_state_shardings(tx, abstract_params, train_shardings, mesh),
       nonfinite_run=replicated, nonfinite_total=replicated)
 
@@ -288,11 +298,11 @@ def build_run(config, mesh) -> Run:
     model = make()
     full = _copy_knowledge_base(nnx.to_pure_dict(nnx.state(model)), kb_params)
     nnx.update(model, nnx.State(full))
-    _, trainable, frozen = nnx.split(model, is_trainable, ...)
+    _, trainable, stats, frozen = nnx.split(model, is_trainable, normalizers.NormStats, ...)
     params = nnx.to_pure_dict(trainable)
     zero = jnp.zeros((), jnp.int32)
-    state = TrainState(step=zero, params=params, opt_state=tx.init(params), nonfinite_run=zero,
-                       nonfinite_total=zero)
+    state = TrainState(step=zero, params=params, stats=nnx.to_pure_dict(stats),
+                       opt_state=tx.init(params), nonfinite_run=zero, nonfinite_total=zero)
     return state, nnx.to_pure_dict(frozen)
 
   init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))

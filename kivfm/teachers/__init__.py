@@ -14,7 +14,7 @@ from flax import nnx
 from kivfm.models import layers
 from kivfm.teachers import registry
 from kivfm.weights import readers
-from kivfm.weights.errors import check_keys_and_shapes
+from kivfm.weights.errors import MissingWeightFileError, check_keys_and_shapes
 from kivfm.weights.sources import WeightSource
 
 
@@ -112,7 +112,13 @@ def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -
     if not spec.sources:
       raise ValueError(f'teacher {spec.name!r} has no pretrained source; give weights=PATH '
                        f'(a file in the {spec.converter or spec.family} layout)')
-    path = spec.sources[0].resolve()
+    source = spec.sources[0]
+    try:
+      path = source.resolve()
+    except MissingWeightFileError as error:  # the hint that works at this level: weights=PATH
+      file = os.path.basename(source.file or source.name)
+      raise MissingWeightFileError(f"{error} Or give teacher {spec.name!r} that file directly: "
+                                   f"weights='/path/to/{file}'.") from error
   else:
     path = WeightSource.from_path(weights).resolve()
   cached = os.path.join(cache_dir(), 'converted', f'{spec.name}-{sha256_of(path)[:16]}.npz')
@@ -137,13 +143,18 @@ def load(name: str, *, weights: str = 'pretrained', image_size: int | tuple[int,
          dtype=jnp.float32) -> Teacher:
   """A registered teacher with its weights. Call it on uint8 NHWC images; `teacher.preprocess`
   is its own resize + normalisation, `teacher.model` the bare network."""
-  spec = registry.get(name)
+  return load_spec(registry.get(name), weights=weights, image_size=image_size, dtype=dtype)
+
+
+def load_spec(spec: registry.TeacherSpec, *, weights: str = 'pretrained',
+              image_size: int | tuple[int, int] = 0, dtype=jnp.float32) -> Teacher:
+  """`load` for a spec object (registered or not)."""
   params = readers.flatten(pretrained_params(spec, weights))
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: Teacher(spec, image_size=image_size, dtype=dtype, rngs=nnx.Rngs(0))))
   variables = {'/'.join(map(str, path)): v for path, v in nnx.to_flat_state(abstract)}
   check_keys_and_shapes({k: v.shape for k, v in variables.items()}, params,
-                        f'converted weights of {name!r}')
+                        f'converted weights of {spec.name!r}')
   for key, variable in variables.items():
     variable.set_value(jnp.asarray(params[key], variable.dtype))
   return nnx.merge(graphdef, abstract)

