@@ -1,11 +1,34 @@
-"""kivfm base recipe.
+"""kivfm base recipe: DINOv2 ViT-B/14 knowledge base + adapter, inheriting from CLIP ViT-L/14 and
+SAM ViT-B in a shared latent space (the defaults of ../shared/METHOD.md).
+
+Full run (ImageNet-1k images, 224 px, 100 epochs at batch 1024; needs network for the teacher
+weights and a prepared dataset; about 125k steps, of the order of a few days on a TPU v4-64):
+  python -m kivfm.main --config=configs/base.py --workdir=gs://BUCKET/kpu_b14
+Note: until the grain/TFDS sources land, data.source is 'synthetic' and the run only exercises
+the sharded step at full scale.
 
 Smoke run (tiny random teachers and student, synthetic images; well under a minute on 2 CPU
 cores, used by tests and CI):
   python -m kivfm.main --config=configs/base.py:smoke --workdir=/tmp/kivfm_smoke
-Expected: 20 steps, metrics.jsonl with a decreasing loss, a checkpoint at step 20.
+Expected: 20 steps, metrics.jsonl with a decreasing loss, checkpoints at steps 10 and 20.
 """
 from kivfm import config as config_lib
+
+
+def full(config):
+  config.total_steps = 125_000                       # ~100 epochs of ImageNet-1k at batch 1024
+  config.dtype = 'bfloat16'
+  config.log_every = 100
+  config.checkpoint_every = 2_000
+  config.data.update(image_size=224, batch_size=1024, num_examples=1_281_167)
+  config.teachers.dinov2 = config_lib.teacher('dinov2-vitb14', weight=1.0)
+  config.teachers.clip = config_lib.teacher('clip-vitl14', weight=1.0)
+  config.teachers.sam = config_lib.teacher('sam-vitb', weight=1.0, image_size=1024)
+  config.student.update(knowledge_base='dinov2', adapter='bottleneck', adapter_dim=128,
+                        remat=True)
+  config.unifier.update(hidden=1024, layers=2, shared_dim=768, normalizer='ema_zscore')
+  config.optim.update(lr=1e-3, warmup_steps=5_000, weight_decay=0.05)
+  return config
 
 
 def smoke(config):
@@ -14,7 +37,7 @@ def smoke(config):
   config.checkpoint_every = 10
   config.data.update(source='synthetic', num_examples=64, image_size=32, batch_size=8)
   config.student.update(knowledge_base='dino', adapter_dim=8)
-  config.unifier.update(hidden=32)
+  config.unifier.update(hidden=32, shared_dim=16)
   config.optim.update(warmup_steps=2, lr=1e-3)
   config.teachers.dino = config_lib.teacher('tiny-dino', weights='random', dtype='float32')
   config.teachers.vitb = config_lib.teacher('tiny-vit-b', weights='random', dtype='float32')
@@ -25,4 +48,6 @@ def get_config(arg: str = ''):
   config = config_lib.defaults()
   if arg == 'smoke':
     return smoke(config)
-  raise ValueError(f'configs/base.py: unknown argument {arg!r}; allowed: smoke')
+  if arg == '':
+    return full(config)
+  raise ValueError(f'configs/base.py: unknown argument {arg!r}; allowed: "" (full), smoke')

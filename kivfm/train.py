@@ -273,6 +273,11 @@ def _copy_knowledge_base(kpu_state: dict, kb_params: dict) -> dict:
 
 
 def build_run(config, mesh) -> Run:
+  if config.unifier.normalizer in ('zscore', 'phi_s'):
+    raise config_lib.ConfigError(
+        f'config.unifier.normalizer={config.unifier.normalizer!r} needs teacher statistics over '
+        f'the training data, and the command computing them is not part of kivfm yet; use '
+        f"'none' or 'ema_zscore'")
   teacher_set = build_teachers(config, mesh)
   rules = config.sharding.rules
   make = lambda: build_kpu(config, teacher_set, config.seed)

