@@ -34,13 +34,13 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         config=ocp.args.JsonSave(config_dict)), force=force)
 
-  def restore(self, step: int, abstract_state, data_iterator):
-    """Restores the state onto the shardings carried by `abstract_state` (any mesh) and the
-    data iterator in place."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored['state']
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state onto the shardings carried by `abstract_state` (any mesh) and, when
+    given, the data iterator in place."""
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))['state']
 
   def reached_preemption(self, step: int) -> bool:
     """True on every process once a preemption notice reached any (multi-host runs)."""

@@ -143,6 +143,23 @@ def load(spec: str) -> ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def from_dict(values: dict) -> ConfigDict:
+  """Rebuilds a config from its JSON form (DIR/config.json): lists become tuples again."""
+  tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v
+  config = defaults()
+
+  def fill(cfg, vals, prefix):
+    for key, value in vals.items():
+      if prefix == 'teachers':
+        cfg[key] = teacher(**value)
+      elif isinstance(value, dict):
+        fill(cfg[key], value, key)
+      else:
+        cfg[key] = tuples(value)
+  fill(config, values, '')
+  return config
+
+
 def _schema_errors(cfg: Any, schema: Any, prefix: str) -> list[str]:
   errors = []
   for key in cfg.keys():

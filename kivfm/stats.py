@@ -117,3 +117,13 @@ class FeatureStats:
 
   def __repr__(self) -> str:
     return f'FeatureStats(channels={self.channels}, count={self.count})'
+
+
+def stats_dir(config, workdir: str) -> str:
+  """Where a run keeps its teacher statistics (`config.unifier.stats_dir` or DIR/teacher_stats)."""
+  return config.unifier.stats_dir or os.path.join(workdir, 'teacher_stats')
+
+
+def stats_path(directory: str, alias: str, kind: str) -> str:
+  """File of teacher `alias`'s statistics of `kind` ('cls' or 'patches')."""
+  return os.path.join(directory, f'{alias}_{kind}.npz')

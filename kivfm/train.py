@@ -21,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kivfm import checkpointing, config as config_lib, losses, metrics, sharding, teachers
+from kivfm import stats as stats_lib
 from kivfm.data import pipeline
 from kivfm.models import normalizers
 from kivfm.models.kpu import KPU
@@ -239,6 +241,29 @@ def make_train_step(config, kpu_graphdef, teacher_set: TeacherSet, tx):
   return train_step
 
 
+def make_grad_shares(config, kpu_graphdef, teacher_set: TeacherSet):
+  """Each teacher's gradient norm and share of the sum, so imbalance is visible (log steps)."""
+  weights = {alias: t.weight for alias, t in config.teachers.items()}
+
+  def grad_shares(state: TrainState, frozen: dict, teacher_params: dict, images: jax.Array):
+    targets = teacher_set.forward(teacher_params, images)
+
+    def teacher_loss(params, alias):
+      model = nnx.merge(kpu_graphdef, nnx.State(params), nnx.State(state.stats),
+                        nnx.State(frozen))
+      _, terms = losses.objective(model, images, targets, weights,
+                                  config.student.knowledge_base, config.loss)
+      return weights[alias] * terms[f'loss/{alias}']
+
+    norms = {alias: optax.global_norm(jax.grad(teacher_loss)(state.params, alias))
+             for alias in sorted(targets)}
+    total = sum(norms.values()) + 1e-12
+    return {**{f'grad_norm/{a}': n for a, n in norms.items()},
+            **{f'grad_share/{a}': n / total for a, n in norms.items()}}
+
+  return grad_shares
+
+
 # --------------------------------------------------------------------------------------------
 # Assembly of the whole run state.
 # --------------------------------------------------------------------------------------------
@@ -254,6 +279,7 @@ class Run:
   frozen_shardings: dict
   tx: optax.GradientTransformation
   step_fn: Any                    # jitted train step
+  grad_shares_fn: Any             # jitted per-teacher gradient norms (log steps)
 
 
 def _copy_knowledge_base(kpu_state: dict, kb_params: dict) -> dict:
@@ -272,12 +298,28 @@ def _copy_knowledge_base(kpu_state: dict, kb_params: dict) -> dict:
   return kpu_state
 
 
-def build_run(config, mesh) -> Run:
-  if config.unifier.normalizer in ('zscore', 'phi_s'):
-    raise config_lib.ConfigError(
-        f'config.unifier.normalizer={config.unifier.normalizer!r} needs teacher statistics over '
-        f'the training data, and the command computing them is not part of kivfm yet; use '
-        f"'none' or 'ema_zscore'")
+def load_fixed_stats(config, teacher_set: TeacherSet, stats: dict, stats_dir: str) -> dict:
+  """Statistics of the 'zscore' / 'phi_s' normalisers from `kivfm.compute_stats` files, as
+  host values in the layout of TrainState.stats."""
+  from kivfm.stats import FeatureStats, stats_path
+  stats = jax.device_get(stats)
+  for alias in teacher_set.specs:
+    width = teacher_set.shapes[alias][0]
+    for kind in ('cls', 'patches'):
+      path = stats_path(stats_dir, alias, kind)
+      if not os.path.exists(path):
+        raise config_lib.ConfigError(
+            f'config.unifier.normalizer={config.unifier.normalizer!r} needs teacher statistics; '
+            f'{path} is missing. Compute them first: python -m kivfm.compute_stats '
+            f'--config=<this config> --workdir=<this workdir>')
+      module = normalizers.make(config.unifier.normalizer, width, stats=FeatureStats.load(path))
+      stats['unifier']['norm'][alias][kind] = nnx.to_pure_dict(
+          nnx.state(module, normalizers.NormStats))
+  return stats
+
+
+def build_run(config, mesh, stats_dir: str = '') -> Run:
+  """Everything a run needs on `mesh`; `stats_dir` holds fixed normaliser statistics."""
   teacher_set = build_teachers(config, mesh)
   rules = config.sharding.rules
   make = lambda: build_kpu(config, teacher_set, config.seed)
@@ -312,6 +354,11 @@ def build_run(config, mesh) -> Run:
 
   init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
   state, frozen = sharding.run_once(init, kb_params)
+  if config.unifier.normalizer in ('zscore', 'phi_s'):
+    fixed = load_fixed_stats(config, teacher_set, state.stats, stats_dir)
+    state = state.replace(stats=jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+        fixed, state_shardings.stats))
 
   teacher_shardings = jax.tree.map(lambda x: x.sharding, teacher_set.params)
   images_sharding = sharding.batch_sharding(mesh, rules, 4)
@@ -319,8 +366,12 @@ def build_run(config, mesh) -> Run:
       make_train_step(config, kpu_graphdef, teacher_set, tx),
       in_shardings=(state_shardings, frozen_shardings, teacher_shardings, images_sharding),
       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  grad_shares_fn = jax.jit(
+      make_grad_shares(config, kpu_graphdef, teacher_set),
+      in_shardings=(state_shardings, frozen_shardings, teacher_shardings, images_sharding),
+      out_shardings=replicated)
   return Run(mesh, teacher_set, kpu_graphdef, frozen, state, state_shardings, frozen_shardings,
-             tx, step_fn)
+             tx, step_fn, grad_shares_fn)
 
 
 def abstract_like(tree, shardings):
@@ -373,7 +424,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config)
   sharding.log_mesh(mesh)
   with jax.set_mesh(mesh):
-    run = build_run(config, mesh)
+    run = build_run(config, mesh, stats_lib.stats_dir(config, workdir))
     data_iter = pipeline.make_iterator(config, jax.process_index(), jax.process_count())
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                       every=config.checkpoint_every)
@@ -392,17 +443,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with _Preemption() as preemption:
         step, t_prev = start, time.time()
         while step < config.total_steps:
-          batch = sharding.host_to_global(next(data_iter), mesh, config.sharding.rules)
+          local = next(data_iter)
+          batch = sharding.host_to_global({'image': local['image']}, mesh,
+                                          config.sharding.rules)
+          log_step = (step + 1) % config.log_every == 0
+          shares = (run.grad_shares_fn(state, run.frozen, teacher_params, batch['image'])
+                    if log_step else {})
           state, scalars = run.step_fn(state, run.frozen, teacher_params, batch['image'])
           step += 1
-          scalars = jax.device_get(scalars)
+          scalars = {**jax.device_get(scalars), **jax.device_get(shares)}
           now = time.time()
           scalars['step_time'] = now - t_prev
           scalars['images_per_s'] = config.data.batch_size / max(now - t_prev, 1e-9)
           t_prev = now
           writer.write(step, scalars)
           last = scalars
-          progress.update(step, f'loss {scalars["loss"]:.4f}', step % config.log_every == 0)
+          progress.update(step, f'loss {scalars["loss"]:.4f}', log_step)
           if scalars['nonfinite_run'] >= config.max_consecutive_nonfinite:
             raise NonFiniteError(
                 f'{int(scalars["nonfinite_run"])} consecutive non-finite losses or gradients '
@@ -421,4 +477,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ckpt.wait()
       ckpt.close()
       writer.close()
+  if jax.process_count() > 1:  # leave together, so no process waits alone at shutdown
+    multihost_utils.sync_global_devices('kivfm:train_and_evaluate:end')
   return {k: float(v) for k, v in last.items()}

