@@ -2,10 +2,10 @@
 SAM ViT-B in a shared latent space (the defaults of ../shared/METHOD.md).
 
 Full run (ImageNet-1k images, 224 px, 100 epochs at batch 1024; needs network for the teacher
-weights and a prepared dataset; about 125k steps, of the order of a few days on a TPU v4-64):
-  python -m kivfm.main --config=configs/base.py --workdir=gs://BUCKET/kpu_b14
-Note: until the grain/TFDS sources land, data.source is 'synthetic' and the run only exercises
-the sharded step at full scale.
+weights; about 125k steps. Not run here (no accelerator, no ImageNet): cost unmeasured.)
+  tfds build imagenet2012 --data_dir=DATA --file_format=array_record --manual_dir=TARS  # once
+  python -m kivfm.main --config=configs/base.py --workdir=gs://BUCKET/kpu_b14 \
+      --config.data.tfds_data_dir=DATA
 
 Smoke run (tiny random teachers and student, synthetic images; well under a minute on 2 CPU
 cores, used by tests and CI):
@@ -20,7 +20,8 @@ def full(config):
   config.dtype = 'bfloat16'
   config.log_every = 100
   config.checkpoint_every = 2_000
-  config.data.update(image_size=224, batch_size=1024, num_examples=1_281_167)
+  config.data.update(source='tfds', tfds_name='imagenet2012', tfds_split='train',
+                     image_size=224, batch_size=1024)
   config.teachers.dinov2 = config_lib.teacher('dinov2-vitb14', weight=1.0)
   config.teachers.clip = config_lib.teacher('clip-vitl14', weight=1.0)
   config.teachers.sam = config_lib.teacher('sam-vitb', weight=1.0, image_size=1024)

@@ -60,6 +60,7 @@ def defaults() -> ConfigDict:
   c.total_steps = 1000
   c.dtype = 'float32'                 # compute dtype of the student and heads
   c.log_every = 10
+  c.grad_share_every = 10             # per-teacher gradient norms (T extra backward passes); 0: off
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.max_consecutive_nonfinite = 5     # stop after this many skipped updates in a row
@@ -76,13 +77,24 @@ def defaults() -> ConfigDict:
   c.sharding = ConfigDict(dict(rules=DEFAULT_RULES))
 
   c.data = ConfigDict(dict(
-      source='synthetic',             # synthetic
+      # synthetic | tfds | folder | fashion_mnist | photos | mixture (kivfm/data/sources.py)
+      source='synthetic',
       num_examples=1024,              # synthetic: size of the dataset
       image_size=224,                 # side of the augmented view fed to every model
       batch_size=64,                  # global batch
       shuffle_seed=0,
       crop_scale=(0.35, 1.0),         # random-resized-crop area range
       worker_count=0,                 # grain worker processes (0: in the main process)
+      tfds_name='imagenet2012',       # tfds: a TFDS dataset prepared as array_record
+      tfds_split='train',             # tfds and fashion_mnist: split ('train[:10%]' works)
+      tfds_data_dir='',               # TFDS data dir of tfds and the offline builder ('': default)
+      folder='',                      # folder: directory of class sub-folders of images
+      # mixture: ((spec, weight), ...), spec = synthetic | tfds:NAME[:SPLIT] | folder:PATH |
+      # fashion_mnist[:SPLIT] | photos, e.g. (('tfds:imagenet2012', 0.7), ('folder:/x', 0.3))
+      mixture=(),
+      max_examples=0,                 # > 0: only the first N examples of each source
+      fashion_mnist_dir='/usr/share/datasets/fashion-mnist',  # Debian dataset-fashion-mnist files
+      prepare_offline=True,           # prepare fashion_mnist / photos on first use (seconds)
   ))
 
   c.student = ConfigDict(dict(
@@ -125,6 +137,14 @@ def defaults() -> ConfigDict:
       # The first match wins; a parameter that matches no group is frozen.
       groups=(('.*/adapter/.*|.*/lora_[ab]', 1.0), ('unifier/.*', 1.0)),
       no_decay=r'.*(norm|bias|pos_embed|cls_token|registers|gamma|lora_b).*',
+  ))
+  c.eval = ConfigDict(dict(
+      enabled=False,                  # evaluate at the end of training (kivfm/evals/report.py)
+      probe_train=2000,               # Fashion-MNIST train images for the kNN / linear probes
+      probe_test=1000,                # Fashion-MNIST test images the probes are scored on
+      knn_k=20,
+      head_images=256,                # test images (+ the offline photos) for heads / fidelity
+      batch_size=64,
   ))
   c.lock()
   c.teachers.unlock()
@@ -237,11 +257,14 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
   _allowed('student.adapter', config.student.adapter, ADAPTERS)
   _allowed('loss.patch', config.loss.patch, DISTANCES)
   _allowed('loss.global_', config.loss.global_, DISTANCES)
-  _allowed('data.source', config.data.source, ('synthetic',))
+  from kivfm.data import sources  # late: it imports this module
+  sources.validate(config.data)   # data.source and the keys it needs
   _allowed('unifier.normalizer', config.unifier.normalizer, NORMALIZERS)
   if config.unifier.shared_dim < 0:
     raise ConfigError(f'config.unifier.shared_dim={config.unifier.shared_dim} must be >= 0 '
                       f'(0 = teacher space only)')
+  if config.grad_share_every < 0:
+    raise ConfigError(f'config.grad_share_every={config.grad_share_every} must be >= 0 (0: off)')
   _positive(config, 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
             'max_consecutive_nonfinite', 'data.batch_size', 'data.image_size',
             'data.num_examples', 'student.adapter_dim', 'student.lora_rank', 'unifier.hidden',

@@ -23,10 +23,15 @@ class Inherited:
   def __init__(self, model, teachers: dict):
     self.model, self.teachers = model, teachers
     self._features = nnx.jit(lambda m, x: m.student(x))
+    self._run_teacher = nnx.jit(lambda t, x: t(x))
     self._as_teacher = {}
 
   def features(self, images) -> dict:
     return self._features(self.model, images)
+
+  def teacher(self, alias: str):
+    """images -> what teacher `alias` itself outputs (jitted)."""
+    return lambda images: self._run_teacher(self.teachers[alias], images)
 
   def as_teacher(self, alias: str):
     """images -> the student's prediction of teacher `alias`'s outputs, in that teacher's own

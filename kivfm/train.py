@@ -435,6 +435,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logging.info('resumed from step %d', start)
     start = int(state.step)
 
+    if config.eval.enabled:  # the untrained student's fidelity is measured up front
+      from kivfm.evals import report
+      evaluation = report.Evaluation(config, run)
     writer = metrics.MetricsWriter(workdir, enabled=lead, start_step=start)
     progress = metrics.Progress(config.total_steps, start, config.progress if lead else 'none')
     teacher_params = run.teacher_set.params
@@ -447,11 +450,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
           batch = sharding.host_to_global({'image': local['image']}, mesh,
                                           config.sharding.rules)
           log_step = (step + 1) % config.log_every == 0
+          every = config.grad_share_every
           shares = (run.grad_shares_fn(state, run.frozen, teacher_params, batch['image'])
-                    if log_step else {})
+                    if every and (step + 1) % every == 0 else {})
           state, scalars = run.step_fn(state, run.frozen, teacher_params, batch['image'])
           step += 1
-          scalars = {**jax.device_get(scalars), **jax.device_get(shares)}
+          scalars = {**jax.device_get(scalars), **jax.device_get(shares),
+                     'data/skipped': local.get('skipped', 0)}   # bad records, this process
           now = time.time()
           scalars['step_time'] = now - t_prev
           scalars['images_per_s'] = config.data.batch_size / max(now - t_prev, 1e-9)
@@ -477,6 +482,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       ckpt.wait()
       ckpt.close()
       writer.close()
+  if config.eval.enabled:
+    with jax.set_mesh(mesh):
+      evaluation.finish(workdir, state, write=lead)
   if jax.process_count() > 1:  # leave together, so no process waits alone at shutdown
     multihost_utils.sync_global_devices('kivfm:train_and_evaluate:end')
   return {k: float(v) for k, v in last.items()}

@@ -126,7 +126,7 @@ def test_smoke_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path):
     assert key in records[0], key
   assert records[-1]['loss'] < records[0]['loss']
   shares = [r for r in records if 'grad_share/dino' in r]
-  assert [r['step'] for r in shares] == [5, 10, 15, 20]
+  assert [r["step"] for r in shares] == [10, 20]
   assert all(abs(r['grad_share/dino'] + r['grad_share/vitb'] - 1) < 1e-5 for r in shares)
   for key in ('fidelity/vitb', 'teacher_norm/vitb', 'prediction_norm/vitb', 'shared/vitb',
               'recon/vitb', 's2t/vitb', 'preservation'):

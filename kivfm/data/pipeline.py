@@ -1,17 +1,33 @@
-"""grain input pipeline: source -> per-process shard -> shuffle -> repeat -> view -> batch."""
+"""grain input pipeline: sources -> per-process shard -> seeded shuffle -> repeat -> (weighted
+mix) -> decode and check -> ONE random-resized-crop + flip view -> full batches -> worker prefetch.
+
+A batch is {'image': uint8 [B_local, S, S, 3], 'label', 'index', 'source': int32 [B_local],
+'skipped': int}, B_local = data.batch_size // process_count. 'label' is -1 where the source has
+none; 'index' is the example's position in its source and 'source' its position in
+data.mixture (0 for a single source). 'skipped' counts the bad records (corrupt, truncated or
+undecodable images, wrong dtype or shape) dropped while assembling THIS batch, not since the
+start: batches stay full, and a run's total is the sum over its steps. It is a per-process
+host int, not an array: take it out of the batch before placing the batch on the mesh.
+
+Determinism: every random choice (shuffle per epoch, crop, flip) is seeded by data.shuffle_seed
+and the element index, so the same config, process and data.worker_count give the same batches,
+bad records included. The iterator state (`get_state` / `set_state`, saved in the orbax
+checkpoint) resumes with exactly the next batch. Changing data.worker_count changes the order.
+"""
 from __future__ import annotations
 
 import grain
 import numpy as np
+from absl import flags
 
-from kivfm.data import synthetic, transforms
+from kivfm.data import examples, sources, transforms
+
+# A run of this many bad records in a row means the data, not a few files, is broken.
+MAX_CONSECUTIVE_BAD = 1000
 
 
-def make_source(config):
-  if config.data.source == 'synthetic':
-    return synthetic.SyntheticImages(config.data.num_examples, size=2 * config.data.image_size,
-                                     seed=config.data.shuffle_seed)
-  raise ValueError(f'unknown config.data.source={config.data.source!r}; allowed: synthetic')
+def _seed(*keys: int) -> int:
+  return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
 class _View(grain.transforms.RandomMap):
@@ -21,19 +37,88 @@ class _View(grain.transforms.RandomMap):
     self.size, self.scale = size, tuple(scale)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    return {'image': transforms.crop_and_flip(element['image'], self.size, rng, self.scale)}
+    if examples.is_bad(element):
+      return element
+    view = transforms.crop_and_flip(element['image'], self.size, rng, self.scale)
+    return {**element, 'image': view}
+
+
+class FullBatches(grain.IterDataset):
+  """Batches of exactly `batch_size` good examples; bad markers are dropped and counted."""
+
+  def __init__(self, parent: grain.IterDataset, batch_size: int):
+    super().__init__(parent)
+    self.batch_size = batch_size
+
+  def __iter__(self):
+    return _FullBatchIterator(self._parent.__iter__(), self.batch_size)
+
+  def __str__(self) -> str:
+    return f'FullBatches(batch_size={self.batch_size})'
+
+
+class _FullBatchIterator(grain.DatasetIterator):
+  """Keeps nothing between batches, so its state is its parent's and resume is exact."""
+
+  def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    super().__init__(parent)
+    self._batch_size = batch_size
+    self._bad_run = 0
+
+  def __next__(self) -> dict:
+    good, skipped = [], 0
+    while len(good) < self._batch_size:
+      element = next(self._parent)
+      if not examples.is_bad(element):
+        good.append(element)
+        self._bad_run = 0
+        continue
+      skipped += 1
+      self._bad_run += 1
+      if self._bad_run >= MAX_CONSECUTIVE_BAD:
+        raise RuntimeError(f'{self._bad_run} bad records in a row; the data source is broken '
+                           f'(last: {element["bad"]}). Check config.data.')
+    batch = {key: np.stack([e[key] for e in good]) for key in good[0]}
+    batch['skipped'] = skipped
+    return batch
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(state)
+
+
+def make_dataset(parts, data, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """The grain dataset of batches over `parts` = [(random-access source, weight, name)] with the
+  settings of `config.data` (`data`), for one process of `process_count`."""
+  datasets = []
+  for k, (source, _, name) in enumerate(parts):
+    ds = grain.MapDataset.source(examples.Examples(source, k, name))
+    if data.max_examples:
+      ds = ds[:data.max_examples]
+    if len(ds) < process_count:
+      raise sources.DataUnavailableError(
+          f'source {name!r} has {len(ds)} examples, fewer than the {process_count} processes')
+    ds = ds[process_index::process_count]
+    datasets.append(ds.shuffle(seed=_seed(data.shuffle_seed, k)).repeat(None))
+  ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(
+      datasets, [weight for _, weight, _ in parts])
+  ds = ds.random_map(_View(data.image_size, data.crop_scale),
+                     seed=_seed(data.shuffle_seed, len(parts), process_index))
+  batches = FullBatches(ds.to_iter_dataset(), data.batch_size // process_count)
+  if data.worker_count > 0:
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run (tests)
+      flags.FLAGS.mark_as_parsed()
+    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+  return batches
 
 
 def make_iterator(config, process_index: int, process_count: int):
-  """A checkpointable grain iterator of {'image': uint8 [B_local, S, S, 3]} batches."""
-  local_batch = config.data.batch_size // process_count
-  ds = grain.MapDataset.source(make_source(config))
-  ds = ds[process_index::process_count]
-  ds = ds.seed(config.data.shuffle_seed).shuffle().repeat(None)
-  ds = ds.random_map(_View(config.data.image_size, config.data.crop_scale))
-  ds = ds.batch(local_batch, drop_remainder=True)
-  iter_ds = ds.to_iter_dataset()
-  if config.data.worker_count > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=config.data.worker_count))
-  return iter(iter_ds)
+  """A checkpointable grain iterator of batches (see the module docstring). Opens every source
+  first, so a missing or unprepared dataset fails here with the command that prepares it."""
+  data = config.data
+  sources.validate(data)
+  parts = [(sources.open_source(spec, data), weight, spec)
+           for spec, weight in sources.components(data)]
+  return iter(make_dataset(parts, data, process_index, process_count))

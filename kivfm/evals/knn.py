@@ -39,7 +39,11 @@ def _predict_chunk(train, train_sq, train_labels, queries, temperature, *, k, nu
     sims = -jnp.sqrt(jnp.maximum(sq, 0.0))
   # The barrier keeps XLA:CPU from fusing the consumers of the top-k values into a full sort
   # of every row (measured 10-20x slower on [512, 50000] similarities).
-  top_sims, top_idx = jax.lax.optimization_barrier(jax.lax.top_k(sims, k))
+  # (One barrier per output: a barrier over top_k's tuple crashes XLA's TopK decomposer when
+  # the call runs under a device mesh.)
+  top_sims, top_idx = jax.lax.top_k(sims, k)
+  top_sims = jax.lax.optimization_barrier(top_sims)
+  top_idx = jax.lax.optimization_barrier(top_idx)
   if weighting == 'exp':
     # Shifting by the row maximum leaves the argmax unchanged and keeps exp() finite.
     weights = jnp.exp((top_sims - top_sims[:, :1]) / temperature)

@@ -1,0 +1,176 @@
+"""End-of-run evaluation of a distilled student: DIR/eval/report.json, curves.png, a table.
+
+Measured on held-out real images (Fashion-MNIST test split from the Debian package, photos from
+scikit-image / scikit-learn), never on the distillation stream:
+  * kNN (k=20, cosine) and linear-probe accuracy of global features: student, every teacher and
+    raw pixels, probes trained on the first `probe_train` train images, tested on the first
+    `probe_test` test images;
+  * top-1 agreement of the student through each classifier teacher's own head with that teacher;
+  * saliency-mask IoU (threshold 0.5) of the student through each saliency head with the teacher;
+  * per-teacher fidelity (cosine in the teacher's own space) before and after training.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+from kivfm import metrics
+from kivfm.data import offline
+from kivfm.evals import agreement, fidelity, knn, linear_probe, segmentation
+
+
+def _to_rgb(images: np.ndarray, size: int) -> np.ndarray:
+  """uint8 [N, h, w] grey or [N, h, w, 3] -> uint8 [N, size, size, 3] (bilinear)."""
+  out = []
+  for image in images:
+    pil = Image.fromarray(image).convert('RGB')
+    out.append(np.asarray(pil.resize((size, size), Image.BILINEAR)))
+  return np.stack(out)
+
+
+def held_out_images(config, size: int) -> dict:
+  """{'train': (images, labels), 'test': (images, labels), 'photos': images} at `size`."""
+  e = config.eval
+  train_x, train_y = offline.read_fashion_mnist(config.data.fashion_mnist_dir, 'train')
+  test_x, test_y = offline.read_fashion_mnist(config.data.fashion_mnist_dir, 'test')
+  photos = [image for _, image in offline.load_photos()]
+  return {'train': (_to_rgb(train_x[:e.probe_train], size), train_y[:e.probe_train]),
+          'test': (_to_rgb(test_x[:e.probe_test], size), test_y[:e.probe_test]),
+          'photos': np.stack([_to_rgb(p[None], size)[0] for p in photos])}
+
+
+def batched(fn, images: np.ndarray, batch: int) -> dict:
+  """fn over fixed-size chunks (the last one padded, so one compiled shape), concatenated."""
+  outs = []
+  for start in range(0, len(images), batch):
+    chunk = images[start:start + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+    out = jax.device_get(fn(chunk))
+    outs.append(jax.tree.map(lambda x: np.asarray(x, np.float32)[:batch - pad], out))
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def fidelities(student, images: np.ndarray, batch: int) -> dict:
+  """alias -> {'patches', 'cls'} cosine fidelity of the student's prediction of the teacher."""
+  out = {}
+  for alias in student.teachers:
+    want = batched(student.teacher(alias), images, batch)
+    got = batched(student.as_teacher(alias), images, batch)
+    out[alias] = {k: fidelity.cosine_fidelity(got[k], want[k]) for k in ('patches', 'cls')}
+  return out
+
+
+def _probes(train, test, train_y, test_y, k: int) -> dict:
+  return {'knn': knn.knn_accuracy(train, train_y, test, test_y, k=k),
+          'linear': linear_probe.linear_probe_accuracy(train, train_y, test, test_y)}
+
+
+def evaluate(config, student, images: dict, held_out: np.ndarray, fidelity_before: dict) -> dict:
+  """The report dict; `images` from `held_out_images`, `held_out` the images for the heads and
+  fidelity (the same as for `fidelity_before`)."""
+  b, k = config.eval.batch_size, config.eval.knn_k
+  (train_x, train_y), (test_x, test_y) = images['train'], images['test']
+  global_features = {'student': lambda x: student.features(x)['cls']}
+  for alias in student.teachers:
+    global_features[alias] = lambda x, t=student.teacher(alias): t(x)['cls']
+  probes = {name: _probes(batched(fn, train_x, b), batched(fn, test_x, b), train_y, test_y, k)
+            for name, fn in global_features.items()}
+  pixels = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
+  probes['raw_pixels'] = _probes(pixels(train_x), pixels(test_x), train_y, test_y, k)
+
+  heads = {}
+  for alias, teacher in student.teachers.items():
+    outputs = teacher.spec.outputs
+    if 'logits' in outputs:
+      want = batched(lambda x: student.teacher(alias)(x)['logits'], held_out, b)
+      got = batched(lambda x: student.as_teacher(alias)(x)['logits'], held_out, b)
+      heads[f'top1_agreement/{alias}'] = agreement.top1_agreement(got, want)
+    if 'saliency' in outputs:
+      want = batched(lambda x: student.teacher(alias)(x)['saliency'], held_out, b)
+      got = batched(lambda x: student.as_teacher(alias)(x)['saliency'], held_out, b)
+      heads[f'saliency_iou/{alias}'] = segmentation.mean_binary_iou(got > 0.5, want > 0.5)
+  after = fidelities(student, held_out, b)
+  return {
+      'probe_sizes': {'train': int(len(train_y)), 'test': int(len(test_y))},
+      'held_out_images': int(len(held_out)),
+      'probes': probes,
+      'heads': heads,
+      'fidelity': {a: {'before': fidelity_before[a], 'after': after[a]} for a in after},
+  }
+
+
+class Evaluation:
+  """Held-out images and the student's fidelity before training (at construction), the whole
+  report after it (`finish`)."""
+
+  def __init__(self, config, run):
+    from kivfm import inference
+    self.config, self.run = config, run
+    self.images = held_out_images(config, config.data.image_size)
+    self.before = fidelities(inference.from_run(run, run.state), self.head_images(),
+                             config.eval.batch_size)
+
+  def head_images(self) -> np.ndarray:
+    test = self.images['test'][0][:self.config.eval.head_images]
+    return np.concatenate([test, self.images['photos']])
+
+  def finish(self, workdir: str, state, write: bool = True) -> dict:
+    from kivfm import inference
+    results = evaluate(self.config, inference.from_run(self.run, state), self.images,
+                       self.head_images(), self.before)
+    if write:
+      directory = write_report(workdir, results)
+      print(table(results), f'\n(report and curves in {directory})', flush=True)
+    return results
+
+
+def table(report: dict) -> str:
+  """A short plain-text summary for the terminal."""
+  lines = [f'{"features":<14}{"kNN":>8}{"linear":>9}']
+  for name, acc in report['probes'].items():
+    lines.append(f'{name:<14}{acc["knn"]:>8.3f}{acc["linear"]:>9.3f}')
+  for name, value in report['heads'].items():
+    lines.append(f'{name:<30}{value:>8.3f}')
+  for alias, f in report['fidelity'].items():
+    lines.append(f'fidelity/{alias:<20} patches {f["before"]["patches"]:.3f} -> '
+                 f'{f["after"]["patches"]:.3f}   cls {f["before"]["cls"]:.3f} -> '
+                 f'{f["after"]["cls"]:.3f}')
+  return '\n'.join(lines)
+
+
+def plot_curves(metrics_path: str, out_path: str) -> None:
+  """Loss, per-teacher loss and fidelity over steps -> PNG."""
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  records = metrics.read_jsonl(metrics_path)
+  steps = [r['step'] for r in records]
+  aliases = sorted(k.split('/', 1)[1] for k in records[0] if k.startswith('loss/'))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  axes[0].plot(steps, [r['loss'] for r in records])
+  axes[0].set(title='total loss', xlabel='step')
+  for alias in aliases:
+    axes[1].plot(steps, [r[f'loss/{alias}'] for r in records], label=alias)
+    axes[2].plot(steps, [r[f'fidelity/{alias}'] for r in records], label=alias)
+  axes[1].set(title='per-teacher loss', xlabel='step')
+  axes[2].set(title='fidelity (patch cosine, teacher space)', xlabel='step')
+  for ax in axes[1:]:
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)
+
+
+def write_report(workdir: str, report: dict) -> str:
+  directory = os.path.join(workdir, 'eval')
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, 'report.json'), 'w') as f:
+    json.dump(report, f, indent=2)
+  plot_curves(os.path.join(workdir, 'metrics.jsonl'), os.path.join(directory, 'curves.png'))
+  return directory
