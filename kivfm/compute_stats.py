@@ -37,7 +37,8 @@ def compute(config, workdir: str, batches: int, tokens_per_image: int) -> dict:
     data = pipeline.make_iterator(config, jax.process_index(), jax.process_count())
     stats = {a: {'cls': FeatureStats(), 'patches': FeatureStats()} for a in teacher_set.specs}
     for _ in range(batches):
-      batch = sharding.host_to_global(next(data), mesh, config.sharding.rules)
+      batch = sharding.host_to_global({'image': next(data)['image']}, mesh,
+                                      config.sharding.rules)
       out = jax.device_get(forward(teacher_set.params, batch['image']))
       for alias, feats in out.items():
         stats[alias]['cls'].update(np.asarray(feats['cls'], np.float64))
