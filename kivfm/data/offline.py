@@ -150,23 +150,21 @@ class KivfmOffline(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing is downloaded
     if self.builder_config.kind == 'fashion_mnist':
       check_fashion_mnist(self.fashion_mnist_dir)
-      return {split: self._fashion_mnist(split) for split in FASHION_MNIST_FILES}
-    return {'train': self._photos(load_photos())}
+      return {split: self._generate_examples(split) for split in FASHION_MNIST_FILES}
+    return {'train': self._generate_examples('train')}
 
   def _limit(self, n: int) -> int:
     return min(n, self.builder_config.max_examples or n)
 
-  def _fashion_mnist(self, split: str):
-    images, labels = read_fashion_mnist(self.fashion_mnist_dir, split)
-    for i in range(self._limit(len(images))):
-      yield i, {'image': images[i][..., None], 'label': int(labels[i])}
-
-  def _photos(self, photos):
-    for i, (name, image) in enumerate(photos[:self._limit(len(photos))]):
-      yield i, {'image': _png(image), 'name': name}
-
-  def _generate_examples(self):  # every split has its own generator above
-    raise NotImplementedError
+  def _generate_examples(self, split: str):
+    if self.builder_config.kind == 'fashion_mnist':
+      images, labels = read_fashion_mnist(self.fashion_mnist_dir, split)
+      for i in range(self._limit(len(images))):
+        yield i, {'image': images[i][..., None], 'label': int(labels[i])}
+    else:
+      photos = load_photos()
+      for i, (name, image) in enumerate(photos[:self._limit(len(photos))]):
+        yield i, {'image': _png(image), 'name': name}
 
 
 def builder(kind: str, data_dir: str = '', *, max_examples: int = 0,
