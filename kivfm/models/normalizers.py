@@ -147,8 +147,8 @@ def ema_update(stats_mean, stats_var, count, x, momentum: float = DEFAULT_MOMENT
   return blend(stats_mean, batch_mean), blend(stats_var, batch_var), count + 1
 
 
-class EmaZScore(nnx.Module):
-  """'ema_zscore': per-channel z-score with running statistics (UNIC).
+class EmaZScore(ZScore):
+  """'ema_zscore': per-channel z-score with running statistics (UNIC); normalises as ZScore.
 
   Order within a train step: `update(x)` first, then `__call__(x)`, i.e. a batch is normalised
   with statistics that INCLUDE it. So the very first batch is normalised by its own statistics
@@ -161,9 +161,8 @@ class EmaZScore(nnx.Module):
                eps: float = DEFAULT_EPS, dtype=jnp.float32):
     if not 0.0 <= momentum <= 1.0:
       raise ValueError(f'EMA momentum must lie in [0, 1], got {momentum}')
-    self.channels, self.momentum, self.eps, self.dtype = channels, momentum, eps, dtype
-    self.mean = norm_stats(jnp.zeros((channels,), jnp.float32))
-    self.var = norm_stats(jnp.ones((channels,), jnp.float32))
+    super().__init__(channels, eps=eps, dtype=dtype)
+    self.momentum = momentum
     self.count = norm_stats(jnp.zeros((), jnp.int32))
 
   def load_stats(self, stats: FeatureStats) -> None:
@@ -175,14 +174,6 @@ class EmaZScore(nnx.Module):
     mean, var, count = ema_update(self.mean[...], self.var[...], self.count[...], x,
                                   self.momentum)
     self.mean[...], self.var[...], self.count[...] = mean, var, count
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    _check_channels(x, self.channels)
-    return standardize(x, self.mean[...], self.var[...], self.eps).astype(self.dtype)
-
-  def inverse(self, y: jax.Array) -> jax.Array:
-    _check_channels(y, self.channels)
-    return unstandardize(y, self.mean[...], self.var[...], self.eps).astype(self.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
