@@ -282,22 +282,6 @@ class Run:
   grad_shares_fn: Any             # jitted per-teacher gradient norms (log steps)
 
 
-def _copy_knowledge_base(kpu_state: dict, kb_params: dict) -> dict:
-  """The student's ViT takes the knowledge-base teacher's weights (float32)."""
-  base = jax.tree.map(lambda x: x.astype(jnp.float32), kb_params['model'])
-  vit = dict(kpu_state['student']['vit'])
-  missing = set(base) - set(vit)
-  if missing:
-    raise ValueError(f'student ViT lacks knowledge-base parameters {sorted(missing)}')
-
-  def merge(dst, src):
-    if isinstance(src, dict):
-      return {k: merge(dst[k], src[k]) if k in src else dst[k] for k in dst}
-    return src
-  kpu_state['student']['vit'] = merge(vit, base)
-  return kpu_state
-
-
 def load_fixed_stats(config, teacher_set: TeacherSet, stats: dict, stats_dir: str) -> dict:
   """Statistics of the 'zscore' / 'phi_s' normalisers from `kivfm.compute_stats` files, as
   host values in the layout of TrainState.stats."""
@@ -343,8 +327,8 @@ def build_run(config, mesh, stats_dir: str = '') -> Run:
 
   def init(kb_params):
     model = make()
-    full = _copy_knowledge_base(nnx.to_pure_dict(nnx.state(model)), kb_params)
-    nnx.update(model, nnx.State(full))
+    # The student's ViT inherits the knowledge-base teacher's weights.
+    nnx.update(model.student.vit, nnx.State(kb_params['model']))
     _, trainable, stats, frozen = nnx.split(model, is_trainable, normalizers.NormStats, ...)
     params = nnx.to_pure_dict(trainable)
     zero = jnp.zeros((), jnp.int32)
