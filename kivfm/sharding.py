@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kivfm import config as config_lib
+from kivfm.models import layers
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -67,7 +68,7 @@ def state_shardings(abstract_state: nnx.State, rules, mesh: Mesh) -> dict:
   """Pure-dict tree of NamedShardings for an (abstract) nnx.State, from its logical axes."""
 
   def one(variable):
-    axes = variable.get_metadata().get('out_sharding')
+    axes = layers.logical_axes(variable)
     if axes is None:
       if variable.ndim:
         raise ValueError(f'a {variable.shape} variable carries no logical axes; create every '

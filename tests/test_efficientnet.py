@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from kivfm.models import layers
 from kivfm.models.efficientnet import (INPUT_MEAN, INPUT_STD, EfficientNetLite, block_specs,
                                        efficientnet_lite_config)
 from kivfm.teachers.efficientnet_port import convert_efficientnet_lite, load_efficientnet_lite
@@ -107,11 +108,12 @@ def test_every_weight_has_logical_axes():
   params = nnx.to_flat_state(nnx.state(model, nnx.Param))
   assert len(params) > 0
   for path, var in params:
-    axes = var.get_metadata().get('out_sharding')
+    axes = layers.logical_axes(var)
     assert axes is not None and len(axes) == len(var.shape), (path, axes)
-  assert model.blocks[1].depthwise.conv.kernel.out_sharding == (None, None, None, 'conv_out')
-  assert model.blocks[1].depthwise.bn.mean.out_sharding == ('conv_out',)
-  assert model.fc.kernel.out_sharding == ('embed', 'classes')
+  depthwise = model.blocks[1].depthwise
+  assert layers.logical_axes(depthwise.conv.kernel) == (None, None, None, 'conv_out')
+  assert layers.logical_axes(depthwise.bn.mean) == ('conv_out',)
+  assert layers.logical_axes(model.fc.kernel) == ('embed', 'classes')
 
 
 def photo(name: str) -> np.ndarray:

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from kivfm import sharding
-from kivfm.models import normalizers
+from kivfm.models import layers, normalizers
 from kivfm.models.normalizers import NormStats
 from kivfm.stats import FeatureStats
 
@@ -236,7 +236,7 @@ def test_statistics_are_non_trainable_norm_stats_with_axes(name):
                               is_leaf=lambda v: isinstance(v, nnx.Variable))
   assert variables and not any(isinstance(v, nnx.Param) for v in variables)
   for variable in variables:
-    assert variable.get_metadata()['out_sharding'] == (None,) * variable.ndim
+    assert layers.logical_axes(variable) == (None,) * variable.ndim
   mesh = jax.make_mesh((len(jax.devices()),), ('data',))
   for s in jax.tree.leaves(sharding.state_shardings(nnx.state(norm), {}, mesh)):
     assert s.is_fully_replicated

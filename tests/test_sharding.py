@@ -52,7 +52,7 @@ def test_every_weight_carries_logical_axes():
   # state_shardings raises on any >0-d variable without axes; all models went through it.
   _, state = train.abstract_split(lambda: layers.Dense(4, 4, rngs=nnx.Rngs(0)))
   for _, v in nnx.to_flat_state(state):
-    assert len(v.get_metadata()['out_sharding']) == len(v.shape)
+    assert len(layers.logical_axes(v)) == len(v.shape)
 
 
 @pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2)])

@@ -23,7 +23,9 @@ import argparse
 import dataclasses
 import gzip
 import io
+import logging
 import os
+import time
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -182,15 +184,21 @@ def builder(kind: str, data_dir: str = '', *, max_examples: int = 0,
 def prepare(kind: str, data_dir: str = '', **kwargs) -> KivfmOffline:
   """Prepares (once) and returns the builder; safe when several processes race on one dir."""
   b = builder(kind, data_dir, **kwargs)
-  if not b.is_prepared():
-    try:
-      b.download_and_prepare()
-    except SourceMissingError:
+  if b.is_prepared():
+    return b
+  logging.info('preparing the offline dataset %s in %s ...', b.info.full_name, b.data_dir)
+  start = time.perf_counter()
+  try:
+    b.download_and_prepare()
+  except SourceMissingError:
+    raise
+  except Exception:  # another process may have finished first
+    b = builder(kind, data_dir, **kwargs)
+    if not b.is_prepared():
       raise
-    except Exception:  # another process may have finished first
-      b = builder(kind, data_dir, **kwargs)
-      if not b.is_prepared():
-        raise
+  sizes = {name: split.num_examples for name, split in b.info.splits.items()}
+  logging.info('prepared %s in %.1f s: %s examples, %.0f MB', b.info.full_name,
+               time.perf_counter() - start, sizes, b.info.dataset_size / 1e6)
   return b
 
 

@@ -4,8 +4,10 @@ Conventions (all kivfm modules follow them):
   * images and feature maps are NHWC; tokens are [B, N, D];
   * constructors take keyword-only `dtype` (compute) and `param_dtype` (storage, float32) and
     `rngs: nnx.Rngs`; a model file never reads files or the network;
-  * every `nnx.Param` is created with `param(...)`, which attaches logical axes; logical names
-    map to mesh axes through `config.sharding.rules` (see `kivfm.sharding`). Names used:
+  * every `nnx.Param` is created with `param(...)`, which attaches logical axes as the variable
+    metadata `logical_axes`; only `kivfm.sharding` maps them to mesh axes, through
+    `config.sharding.rules`. (Not flax's `out_sharding`: flax resolves that against whatever mesh
+    is active, e.g. in `nnx.eval_shape`, where a logical name is not a mesh axis.) Names used:
       'embed'  model width             'mlp'    MLP hidden width
       'heads'  attention heads x dim   'conv_in' / 'conv_out'  conv channels
       'norm'   norm scales and biases  'tokens' position / class tokens (token axis)
@@ -33,8 +35,12 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes,
   """A parameter of `shape` with logical `axes` (one name, or None, per dimension)."""
   if len(axes) != len(shape):
     raise ValueError(f'logical axes {axes} do not match shape {tuple(shape)}')
-  init = nnx.with_partitioning(init, tuple(axes))
-  return nnx.Param(init(rngs.params(), tuple(shape), param_dtype))
+  return nnx.Param(init(rngs.params(), tuple(shape), param_dtype), logical_axes=tuple(axes))
+
+
+def logical_axes(variable: nnx.Variable) -> Axes | None:
+  """The logical axes `param` (or `normalizers.norm_stats`) attached to `variable`."""
+  return variable.get_metadata().get('logical_axes')
 
 
 class Dense(nnx.Module):
@@ -52,7 +58,7 @@ class Dense(nnx.Module):
   def add_lora(self, rank: int, alpha: float, *, rngs: nnx.Rngs) -> None:
     """Adds a low-rank update x @ lora_a @ lora_b * alpha / rank; lora_b starts at zero."""
     d_in, d_out = self.kernel.shape
-    in_axis, out_axis = self.kernel.get_metadata()['out_sharding']
+    in_axis, out_axis = logical_axes(self.kernel)
     dtype = self.kernel.dtype
     self.lora_a = nnx.data(param(rngs, nnx.initializers.he_uniform(), (d_in, rank),
                                  (in_axis, None), dtype))

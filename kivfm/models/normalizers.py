@@ -40,8 +40,7 @@ def norm_stats(value, axes: Sequence[str | None] | None = None) -> NormStats:
   axes = (None,) * value.ndim if axes is None else tuple(axes)
   if len(axes) != value.ndim:
     raise ValueError(f'logical axes {axes} do not match shape {value.shape}')
-  init = nnx.with_partitioning(lambda *_: value, axes)
-  return NormStats(init())
+  return NormStats(value, logical_axes=axes)
 
 
 def _assign(variable: NormStats, value) -> None:

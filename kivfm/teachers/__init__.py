@@ -5,7 +5,13 @@
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import importlib.util
+import logging
 import os
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +20,9 @@ from flax import nnx
 from kivfm.models import layers
 from kivfm.teachers import registry
 from kivfm.weights import readers
-from kivfm.weights.errors import MissingWeightFileError, check_keys_and_shapes
-from kivfm.weights.sources import WeightSource
+from kivfm.weights.errors import (CorruptWeightFileError, MissingWeightFileError,
+                                  check_keys_and_shapes)
+from kivfm.weights.sources import WeightSource, sha256_of
 
 
 def _build_vit(arch, **kw):
@@ -106,14 +113,65 @@ def cache_dir() -> str:
   return os.environ.get('KIVFM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'kivfm'))
 
 
+# The code that decides what a conversion produces: the converters, the readers and the models
+# they fill. Any change to it gives new cache keys, so a converter fix never serves stale params.
+_CONVERSION_CODE = ('kivfm.teachers', 'kivfm.teachers.vit_port', 'kivfm.teachers.efficientnet_port',
+                    'kivfm.weights.readers', 'kivfm.weights.torch_pickle', 'kivfm.models.layers',
+                    'kivfm.models.vit', 'kivfm.models.efficientnet', 'kivfm.models.saliency')
+
+
+@functools.cache
+def converter_version() -> str:
+  """Hash of the conversion code (`_CONVERSION_CODE`)."""
+  digest = hashlib.sha256()
+  for module in _CONVERSION_CODE:
+    digest.update(Path(importlib.util.find_spec(module).origin).read_bytes())
+  return digest.hexdigest()
+
+
+def converted_path(spec: registry.TeacherSpec, source_sha256: str) -> Path:
+  """The cache file of `spec` converted from the file with `source_sha256`: keyed by the
+  teacher, the source file, the architecture and the conversion code."""
+  version = hashlib.sha256(
+      f'{converter_version()}|{spec.converter}|{spec.arch!r}'.encode()).hexdigest()
+  return Path(cache_dir(), 'converted', f'{spec.name}-{source_sha256[:16]}-{version[:12]}.npz')
+
+
+def _read_cached(path: Path) -> dict | None:
+  """The cached conversion, or None; a damaged cache file is deleted (never loaded)."""
+  if not path.exists():
+    return None
+  try:
+    params = readers.unflatten(readers.read_npz(path))
+  except CorruptWeightFileError as error:
+    logging.warning('%s; deleting it and converting again', error)
+    path.unlink(missing_ok=True)
+    return None
+  logging.info('converted weights from the cache: %s', path)
+  return params
+
+
+def _write_cached(path: Path, params: dict) -> None:
+  """Caches a conversion (atomically) and drops older conversions of the same source file."""
+  try:
+    readers.save_npz(path, readers.flatten(params))
+  except OSError as error:  # a read-only home only costs the next load a conversion
+    logging.warning('cannot cache converted weights at %s: %s', path, error)
+    return
+  stem = path.name.rsplit('-', 1)[0]
+  for stale in path.parent.glob(f'{stem}-*.npz'):
+    if stale != path:
+      stale.unlink(missing_ok=True)
+  logging.info('cached at %s (%.0f MB)', path, path.stat().st_size / 1e6)
+
+
 def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -> dict:
   """The teacher's parameters as a numpy pure dict {'model': ..., ['head': ...]}.
 
   weights: 'pretrained' (the registry source, checksum-verified when pinned) or a local file in
-  the source's format. Converted parameters are cached as .npz keyed by the file's sha256, so
-  later loads skip the conversion.
+  the source's format. Converted parameters are cached in `cache_dir()` (see `converted_path`),
+  so later loads skip the conversion.
   """
-  from kivfm.weights.sources import sha256_of
   if weights == 'pretrained':
     if not spec.sources:
       raise ValueError(f'teacher {spec.name!r} has no pretrained source; give weights=PATH '
@@ -127,15 +185,15 @@ def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -
                                    f"weights='/path/to/{file}'.") from error
   else:
     path = WeightSource.from_path(weights).resolve()
-  cached = os.path.join(cache_dir(), 'converted', f'{spec.name}-{sha256_of(path)[:16]}.npz')
-  if os.path.exists(cached):
-    return readers.unflatten(readers.read_npz(cached))
-  params = _converters()[spec.converter](path, spec)
-  try:
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    readers.save_npz(cached, readers.flatten(params))
-  except OSError:  # a read-only home only costs the next load a conversion
-    pass
+  cached = converted_path(spec, sha256_of(path))
+  params = _read_cached(cached)
+  if params is None:
+    logging.info('teacher %s: converting %s (%.0f MB) ...', spec.name, path,
+                 os.path.getsize(path) / 1e6)
+    start = time.perf_counter()
+    params = _converters()[spec.converter](path, spec)
+    logging.info('teacher %s: converted in %.1f s', spec.name, time.perf_counter() - start)
+    _write_cached(cached, params)
   return params
 
 

@@ -3,11 +3,13 @@ code from a file. bfloat16 / float8 arrays come back as `ml_dtypes` types (JAX's
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import struct
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,6 +30,8 @@ MAX_SAFETENSORS_HEADER = 100 << 20
 STATE_DICT_KEYS = ('state_dict', 'model_state_dict', 'model', 'module', 'net')
 # npz entry recording arrays stored as unsigned ints because numpy cannot name their dtype.
 NPZ_DTYPES_KEY = '__dtypes__'
+# npz entry holding the sha256 of the other entries (`save_npz`), checked by `read_npz`.
+NPZ_DIGEST_KEY = '__sha256__'
 
 
 def flatten(tree: Mapping, sep: str = '/') -> dict[str, Any]:
@@ -213,8 +217,20 @@ def read_onnx_matmul_weights(model_or_path) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------
 # npz: the fast cache of converted parameters.
 
+def _npz_digest(arrays: Mapping[str, np.ndarray]) -> str:
+  """sha256 over every array's key, dtype, shape and bytes (key order independent)."""
+  digest = hashlib.sha256()
+  for key in sorted(arrays):
+    value = np.ascontiguousarray(arrays[key])
+    digest.update(f'{key}\0{value.dtype.str}\0{value.shape}\0'.encode())
+    digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
 def save_npz(path, flat: Mapping[str, np.ndarray]) -> None:
-  """Writes arrays (keys may contain '/') atomically; ml_dtypes arrays survive the round trip."""
+  """Writes arrays (keys may contain '/') with a content checksum, atomically: the file appears
+  whole or not at all, also when several processes write it at once. ml_dtypes arrays survive
+  the round trip."""
   path = Path(path)
   arrays, dtypes = {}, {}
   for key, value in flat.items():
@@ -223,22 +239,35 @@ def save_npz(path, flat: Mapping[str, np.ndarray]) -> None:
       dtypes[key] = value.dtype.name
       value = value.view(f'u{value.dtype.itemsize}')
     arrays[key] = value
-  if NPZ_DTYPES_KEY in arrays:
-    raise ValueError(f'{NPZ_DTYPES_KEY!r} is reserved')
+  for reserved in (NPZ_DTYPES_KEY, NPZ_DIGEST_KEY):
+    if reserved in arrays:
+      raise ValueError(f'{reserved!r} is reserved')
   arrays[NPZ_DTYPES_KEY] = np.array(json.dumps(dtypes))
+  arrays[NPZ_DIGEST_KEY] = np.array(_npz_digest(arrays))
   path.parent.mkdir(parents=True, exist_ok=True)
-  partial = path.with_name(path.name + '.partial')
-  with open(partial, 'wb') as file:
-    np.savez(file, **arrays)
+  with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f'.{path.name}.', suffix='.partial',
+                                   delete=False) as file:
+    partial = Path(file.name)
+    try:
+      np.savez(file, **arrays)
+    except BaseException:
+      partial.unlink(missing_ok=True)
+      raise
   os.replace(partial, path)
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
-  """Arrays written by `save_npz` (or any npz without object arrays; never unpickles)."""
+  """Arrays written by `save_npz` (or any npz without object arrays; never unpickles). A file
+  written by `save_npz` is checked against its content checksum: CorruptWeightFileError if any
+  byte changed."""
   path = existing_file(path)
   try:
     with np.load(path, allow_pickle=False) as npz:
       arrays = {key: npz[key] for key in npz.files}
+    expected = arrays.pop(NPZ_DIGEST_KEY, None)
+    if expected is not None and str(expected) != _npz_digest(arrays):
+      raise CorruptWeightFileError(path, 'content checksum mismatch (the file was modified or '
+                                   'damaged after it was written)')
     dtypes = json.loads(str(arrays.pop(NPZ_DTYPES_KEY, '{}')))
     for key, name in dtypes.items():
       arrays[key] = arrays[key].view(getattr(ml_dtypes, name))
