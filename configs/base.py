@@ -1,16 +1,18 @@
 """kivfm base recipe: DINOv2 ViT-B/14 knowledge base + adapter, inheriting from CLIP ViT-L/14 and
-SAM ViT-B in a shared latent space (the defaults of ../shared/METHOD.md).
+SAM ViT-B in a shared latent space (the defaults of docs/method.md).
 
 Full run (ImageNet-1k images, 224 px, 100 epochs at batch 1024; needs network for the teacher
-weights; about 125k steps. Not run here (no accelerator, no ImageNet): cost unmeasured.)
+weights; about 125k steps):
   tfds build imagenet2012 --data_dir=DATA --file_format=array_record --manual_dir=TARS  # once
-  python -m kivfm.main --config=configs/base.py --workdir=gs://BUCKET/kpu_b14 \
+  python -m kivfm.main --config=configs/base.py --workdir=gs://BUCKET/kpu_b14 \\
       --config.data.tfds_data_dir=DATA
+Expected: not run here (no accelerator, no ImageNet, no network for CLIP / SAM weights), so
+neither its cost nor its results are measured.
 
-Smoke run (tiny random teachers and student, synthetic images; well under a minute on 2 CPU
-cores, used by tests and CI):
+Smoke run (tiny random teachers and student, synthetic images; used by tests and CI):
   python -m kivfm.main --config=configs/base.py:smoke --workdir=/tmp/kivfm_smoke
-Expected: 20 steps, metrics.jsonl with a decreasing loss, checkpoints at steps 10 and 20.
+Expected (measured, 2 CPU cores): 20 steps in well under a minute, metrics.jsonl with a
+decreasing loss, checkpoints at steps 10 and 20.
 """
 from kivfm import config as config_lib
 
@@ -46,9 +48,5 @@ def smoke(config):
 
 
 def get_config(arg: str = ''):
-  config = config_lib.defaults()
-  if arg == 'smoke':
-    return smoke(config)
-  if arg == '':
-    return full(config)
-  raise ValueError(f'configs/base.py: unknown argument {arg!r}; allowed: "" (full), smoke')
+  args = config_lib.parse_arg(arg, 'configs/base.py', smoke=bool)
+  return (smoke if args['smoke'] else full)(config_lib.defaults())

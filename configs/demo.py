@@ -27,14 +27,13 @@ def get_config(arg: str = ''):
   config.student.update(knowledge_base='dino', adapter='bottleneck', adapter_dim=64)
   config.unifier.update(hidden=512, layers=2, shared_dim=256, normalizer='ema_zscore')
   config.optim.update(lr=1e-3, warmup_steps=10)
-  config.eval.update(enabled=True, probe_train=1000, probe_test=500, head_images=128)
-  if arg == 'short':
+  config.evals.report = config_lib.evaluator('report', probe_train=1000, probe_test=500,
+                                             head_images=128)
+  if config_lib.parse_arg(arg, 'configs/demo.py', short=bool)['short']:
     config.total_steps = 6
     config.log_every = 2
     config.grad_share_every = 3
     config.checkpoint_every = 3
     config.data.update(batch_size=8, max_examples=256)
-    config.eval.update(probe_train=100, probe_test=50, head_images=16, knn_k=5)
-  elif arg:
-    raise ValueError(f'configs/demo.py: unknown argument {arg!r}; allowed: "" (full), short')
+    config.evals.report.update(probe_train=100, probe_test=50, head_images=16, knn_k=5)
   return config

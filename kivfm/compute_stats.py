@@ -1,7 +1,7 @@
 """Statistics of every teacher's features over the training data, for the fixed normalisers
 (`unifier.normalizer` = 'zscore' or 'phi_s').
 
-  python -m kivfm.compute_stats --config=configs/ablations/norm_phi_s.py --workdir=DIR
+  python -m kivfm.compute_stats --config=configs/ablations/normalizer.py:norm=phi_s --workdir=DIR
 Writes DIR/teacher_stats/<alias>_{cls,patches}.npz (count, mean, co-moments), which training in
 the same DIR (or `--config.unifier.stats_dir`) reads. Patch maps are subsampled per image.
 """
@@ -15,7 +15,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from kivfm import config as config_lib, sharding, train
+from kivfm import assembly, config as config_lib, sharding
 from kivfm.data import pipeline
 from kivfm.stats import FeatureStats, stats_dir, stats_path
 
@@ -31,7 +31,7 @@ def compute(config, workdir: str, batches: int, tokens_per_image: int) -> dict:
   mesh = sharding.make_mesh(config)
   rng = np.random.default_rng(config.seed)
   with jax.set_mesh(mesh):
-    teacher_set = train.build_teachers(config, mesh)
+    teacher_set = assembly.build_teachers(config, mesh)
     forward = jax.jit(lambda p, x: {a: {k: o[k] for k in ('cls', 'patches')}
                                     for a, o in teacher_set.forward(p, x).items()})
     data = pipeline.make_iterator(config, jax.process_index(), jax.process_count())

@@ -7,10 +7,14 @@ allowed values.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import ml_collections
+
+from kivfm import evals, sharding
+from kivfm.data import sources
+from kivfm.errors import ConfigError
+from kivfm.teachers import registry
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -32,10 +36,6 @@ DEFAULT_RULES = (
     ('tokens', None),
     ('norm', None),
 )
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key and what is allowed."""
 
 
 def teacher(name: str, *, weight: float = 1.0, weights: str = 'pretrained',
@@ -138,17 +138,54 @@ def defaults() -> ConfigDict:
       groups=(('.*/adapter/.*|.*/lora_[ab]', 1.0), ('unifier/.*', 1.0)),
       no_decay=r'.*(norm|bias|pos_embed|cls_token|registers|gamma|lora_b).*',
   ))
-  c.eval = ConfigDict(dict(
-      enabled=False,                  # evaluate at the end of training (kivfm/evals/report.py)
-      probe_train=2000,               # Fashion-MNIST train images for the kNN / linear probes
-      probe_test=1000,                # Fashion-MNIST test images the probes are scored on
-      knn_k=20,
-      head_images=256,                # test images (+ the offline photos) for heads / fidelity
-      batch_size=64,
-  ))
+  # Evaluators run at the end of training and every `every` steps: name -> evaluator(...).
+  c.evals = ConfigDict()
   c.lock()
   c.teachers.unlock()
+  c.evals.unlock()
   return c
+
+
+def evaluator(kind: str, *, every: int = 0, **options) -> ConfigDict:
+  """One entry of `config.evals`: evaluator `kind` (`kivfm.evals.EVALUATORS`), run at the end
+  of training and every `every` steps (0: only at the end), with its own `options` (the rest
+  keep the evaluator's DEFAULTS)."""
+  if kind not in evals.EVALUATORS:
+    raise ConfigError(f'evaluator kind {kind!r} is not allowed; choose one of: '
+                      f'{", ".join(evals.EVALUATORS)}')
+  defaults = evals.EVALUATORS[kind].DEFAULTS
+  unknown = sorted(set(options) - set(defaults))
+  if unknown:
+    raise ConfigError(f'unknown option(s) {", ".join(unknown)} of evaluator {kind!r}; allowed: '
+                      f'every, {", ".join(sorted(defaults))}')
+  cfg = ConfigDict(dict(kind=kind, every=every, **{**defaults, **options}))
+  cfg.lock()
+  return cfg
+
+
+def parse_arg(arg: str, file: str, **kinds) -> dict:
+  """Named arguments of a config file (`--config=FILE:ARG`), one parser for every file:
+  'norm=phi_s,smoke' -> {'norm': 'phi_s', 'smoke': True}. `kinds`: name -> bool (a flag,
+  default False), str (any value) or a tuple of allowed values; non-flags are required."""
+  usage = ', '.join(name if kind is bool else
+                    f'{name}={"|".join(kind) if isinstance(kind, tuple) else "VALUE"}'
+                    for name, kind in kinds.items())
+  values = {name: False for name, kind in kinds.items() if kind is bool}
+  for part in filter(None, arg.split(',')):
+    name, has_value, value = part.partition('=')
+    kind = kinds.get(name)
+    if kind is None:
+      raise ConfigError(f'{file}: unknown argument {name!r}; arguments: {usage}')
+    if (kind is bool) == bool(has_value):
+      raise ConfigError(f'{file}: argument {part!r} is malformed; arguments: {usage}')
+    if isinstance(kind, tuple) and value not in kind:
+      raise ConfigError(f'{file}: {name}={value!r} is not allowed; choose one of: '
+                        f'{", ".join(kind)}')
+    values[name] = True if kind is bool else value
+  missing = [name for name in kinds if name not in values]
+  if missing:
+    raise ConfigError(f'{file}: argument {missing[0]}=... is required; arguments: {usage}')
+  return values
 
 
 def load(spec: str) -> ConfigDict:
@@ -172,6 +209,8 @@ def from_dict(values: dict) -> ConfigDict:
     for key, value in vals.items():
       if prefix == 'teachers':
         cfg[key] = teacher(**value)
+      elif prefix == 'evals':
+        cfg[key] = evaluator(**value)
       elif isinstance(value, dict):
         fill(cfg[key], value, key)
       else:
@@ -210,37 +249,8 @@ def _positive(config: ConfigDict, *keys: str) -> None:
       raise ConfigError(f'config.{key}={value!r} must be a positive number')
 
 
-def mesh_shape(config: ConfigDict, num_devices: int) -> tuple[int, ...]:
-  """Resolves the -1 entry of `config.mesh.shape` to the remaining devices."""
-  shape = tuple(config.mesh.shape)
-  if len(shape) != len(config.mesh.axes):
-    raise ConfigError(f'config.mesh.shape={shape} has {len(shape)} entries but config.mesh.axes='
-                      f'{tuple(config.mesh.axes)} has {len(config.mesh.axes)}')
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ConfigError(f'config.mesh.shape={shape}: use positive sizes and at most one -1')
-  known = math.prod(s for s in shape if s != -1)
-  if num_devices % known:
-    raise ConfigError(f'config.mesh.shape={shape} does not fit {num_devices} devices; '
-                      f'the product of the sizes must divide {num_devices}')
-  resolved = tuple(num_devices // known if s == -1 else s for s in shape)
-  if math.prod(resolved) != num_devices:
-    raise ConfigError(f'config.mesh.shape={shape} uses {math.prod(resolved)} devices but '
-                      f'{num_devices} are present; set one entry to -1 or match the count')
-  return resolved
-
-
-def batch_parallelism(config: ConfigDict, num_devices: int) -> int:
-  """Number of shards of the batch axis under `config.sharding.rules`."""
-  shape = dict(zip(config.mesh.axes, mesh_shape(config, num_devices)))
-  axes = dict(config.sharding.rules).get('batch')
-  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  return math.prod(shape[a] for a in axes)
-
-
 def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first wrong key; checks the schema, values and the machine."""
-  from kivfm.teachers import registry  # late: the registry imports model code
-
   schema = defaults()
   errors = _schema_errors(config, schema, '')
   team_schema = teacher('x')
@@ -249,6 +259,9 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
       errors.append(f'config.teachers.{alias} must be made with kivfm.config.teacher(...)')
     else:
       errors.extend(_schema_errors(spec, team_schema, f'.teachers.{alias}'))
+  for name, spec in config.evals.items():
+    if not isinstance(spec, ConfigDict):
+      errors.append(f'config.evals.{name} must be made with kivfm.config.evaluator(...)')
   if errors:
     raise ConfigError('\n'.join(errors))
 
@@ -257,9 +270,9 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
   _allowed('student.adapter', config.student.adapter, ADAPTERS)
   _allowed('loss.patch', config.loss.patch, DISTANCES)
   _allowed('loss.global_', config.loss.global_, DISTANCES)
-  from kivfm.data import sources  # late: it imports this module
   sources.validate(config.data)   # data.source and the keys it needs
   _allowed('unifier.normalizer', config.unifier.normalizer, NORMALIZERS)
+  evals.validate(config.evals)
   if config.unifier.shared_dim < 0:
     raise ConfigError(f'config.unifier.shared_dim={config.unifier.shared_dim} must be >= 0 '
                       f'(0 = teacher space only)')
@@ -277,10 +290,11 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
     raise ConfigError(f'config.sharding.rules maps to mesh axis {axis!r}, which is not in '
                       f'config.mesh.axes={tuple(config.mesh.axes)}')
 
-  parallel = batch_parallelism(config, num_devices)
+  parallel = sharding.batch_parallelism(config.mesh, config.sharding.rules, num_devices)
   if config.data.batch_size % parallel:
     raise ConfigError(f'config.data.batch_size={config.data.batch_size} is not divisible by the '
-                      f'data-parallel size {parallel} (mesh {mesh_shape(config, num_devices)}, '
+                      f'data-parallel size {parallel} (mesh '
+                      f'{sharding.mesh_shape(config.mesh, num_devices)}, '
                       f'batch axes of config.sharding.rules)')
   if config.data.batch_size % num_processes:
     raise ConfigError(f'config.data.batch_size={config.data.batch_size} is not divisible by the '

@@ -55,9 +55,10 @@ def _cosine_fidelity(pred: jax.Array, target: jax.Array) -> jax.Array:
   return 1.0 - _cosine_distance(pred, target)
 
 
-def objective(model, images: jax.Array, targets: dict, weights: dict, knowledge_base: str,
+def objective(outputs: dict, targets: dict, weights: dict, knowledge_base: str,
               cfg) -> tuple[jax.Array, dict]:
-  """The KPU loss of `model` (a KPU) on a batch, and per-teacher terms and diagnostics.
+  """The KPU loss from the KPU's `outputs` (see `KPU.__call__`) and the teachers' `targets`,
+  and the per-teacher terms and diagnostics. A pure function of its inputs.
 
   per teacher t:  s2t_t    = d(p_t, N_t(g_t))                       (teacher space)
                   shared_t = d_cos(z_s, z_t) + recon * d(R_t(z_t), N_t(g_t))
@@ -67,13 +68,11 @@ def objective(model, images: jax.Array, targets: dict, weights: dict, knowledge_
   prevented by the reconstruction term: a constant code cannot reconstruct N_t(g_t), and the
   s2t term keeps the student anchored to the fixed teacher targets.
   """
-  student = model.student(images)
-  predictions = model.unifier(student)
-  normalized = model.unifier.normalize(targets)
-  shared = model.unifier.shared(student, normalized) if model.unifier.shared_dim else {}
+  student, shared = outputs['student'], outputs['shared']
   terms, scalars = {}, {}
   for alias in sorted(targets):
-    s2t = _pair_distance(cfg.patch, predictions[alias], normalized[alias], cfg)
+    s2t = _pair_distance(cfg.patch, outputs['predictions'][alias], outputs['normalized'][alias],
+                         cfg)
     loss = s2t
     scalars[f's2t/{alias}'] = s2t
     if alias in shared:
@@ -83,8 +82,7 @@ def objective(model, images: jax.Array, targets: dict, weights: dict, knowledge_
       loss = loss + cfg.shared_weight * (align + cfg.recon_weight * recon)
       scalars[f'shared/{alias}'], scalars[f'recon/{alias}'] = align, recon
     terms[alias] = loss
-    raw = targets[alias]
-    in_teacher_space = model.unifier.to_teacher_space(alias, predictions[alias])
+    raw, in_teacher_space = targets[alias], outputs['in_teacher_space'][alias]
     scalars[f'teacher_norm/{alias}'] = jnp.linalg.norm(
         raw['patches'].astype(jnp.float32), axis=-1).mean()
     scalars[f'prediction_norm/{alias}'] = jnp.linalg.norm(
@@ -101,4 +99,3 @@ def objective(model, images: jax.Array, targets: dict, weights: dict, knowledge_
     scalars['preservation'] = preservation
   scalars.update({f'loss/{a}': v for a, v in terms.items()})
   return total, scalars
-

@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from kivfm import config as config_lib
+from kivfm.errors import ConfigError
 from kivfm.models import layers
 
 
@@ -30,11 +30,37 @@ def maybe_initialize_distributed(config) -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
+  """Resolves the -1 entry of `config.mesh.shape` to the remaining devices."""
+  shape, axes = tuple(mesh_config.shape), tuple(mesh_config.axes)
+  if len(shape) != len(axes):
+    raise ConfigError(f'config.mesh.shape={shape} has {len(shape)} entries but config.mesh.axes='
+                      f'{axes} has {len(axes)}')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError(f'config.mesh.shape={shape}: use positive sizes and at most one -1')
+  known = math.prod(s for s in shape if s != -1)
+  if num_devices % known:
+    raise ConfigError(f'config.mesh.shape={shape} does not fit {num_devices} devices; '
+                      f'the product of the sizes must divide {num_devices}')
+  resolved = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(resolved) != num_devices:
+    raise ConfigError(f'config.mesh.shape={shape} uses {math.prod(resolved)} devices but '
+                      f'{num_devices} are present; set one entry to -1 or match the count')
+  return resolved
+
+
+def batch_parallelism(mesh_config, rules, num_devices: int) -> int:
+  """Number of shards of the batch axis under the logical-axis `rules`."""
+  shape = dict(zip(mesh_config.axes, mesh_shape(mesh_config, num_devices)))
+  rules = dict(rules)
+  return math.prod(shape[a] for a in _mesh_axes('batch', rules)) if 'batch' in rules else 1
+
+
 def make_mesh(config, devices=None) -> Mesh:
   """The device mesh of `config.mesh` over `devices` (default: all), with the -1 entry
   resolved; axes are GSPMD-style (Auto)."""
   devices = jax.devices() if devices is None else list(devices)
-  shape = config_lib.mesh_shape(config, len(devices))
+  shape = mesh_shape(config.mesh, len(devices))
   axes = tuple(config.mesh.axes)
   return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
 

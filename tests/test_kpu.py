@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kivfm import config as config_lib, losses, sharding, teachers, train
+from kivfm import assembly, config as config_lib, losses, sharding, teachers, train
+
+from helpers import build_run
 from kivfm.data import synthetic, transforms
 from kivfm.models.student import Student
 
@@ -35,7 +37,7 @@ def imbalance_run(shared_dim, normalizer, steps=150):
   config.total_steps = steps
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    run = train.build_run(config, mesh)
+    run = build_run(config, mesh)
     params = jax.device_get(run.teacher_set.params)
     params['vitb'] = copy.deepcopy(params['dino'])
     norm = params['vitb']['model']['norm']
@@ -69,16 +71,15 @@ def test_constant_teacher_codes_cannot_zero_the_shared_loss():
   config.unifier.update(normalizer='ema_zscore', hidden=32)
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    run = train.build_run(config, mesh)
+    run = build_run(config, mesh)
     images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     targets = run.teacher_set.forward(run.teacher_set.params, images)
-    model = nnx.merge(run.kpu_graphdef, nnx.State(run.state.params), nnx.State(run.state.stats),
-                      nnx.State(run.frozen))
+    model = run.kpu()
     model.unifier.update_stats(targets)
     for encoder in model.unifier.encode.values():      # collapse every teacher encoder
       encoder.kernel[...] = jnp.zeros_like(encoder.kernel[...])
     weights = {a: 1.0 for a in targets}
-    _, terms = losses.objective(model, images, targets, weights, 'dino', config.loss)
+    _, terms = losses.objective(model(images, targets), targets, weights, 'dino', config.loss)
   for alias in targets:
     # A constant code reconstructs at best the per-channel mean: error ~ the unit variance of the
     # normalised targets, so the shared-space objective stays far from zero.
@@ -90,7 +91,7 @@ def test_ema_statistics_move_and_are_part_of_the_state():
   config.unifier.normalizer = 'ema_zscore'
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    run = train.build_run(config, mesh)
+    run = build_run(config, mesh)
     images = np.random.default_rng(2).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     batch = sharding.host_to_global({'image': images}, mesh, config.sharding.rules)
     before = jax.device_get(run.state.stats)
@@ -99,20 +100,20 @@ def test_ema_statistics_move_and_are_part_of_the_state():
   norm = after['unifier']['norm']['vitb']['patches']
   assert int(norm['count']) == 1
   assert not np.allclose(norm['mean'], before['unifier']['norm']['vitb']['patches']['mean'])
-  assert 'stats' in train.TrainState.__dataclass_fields__   # checkpointed with the state
+  assert 'stats' in assembly.TrainState.__dataclass_fields__   # checkpointed with the state
 
 
 def test_fixed_statistics_from_the_command_feed_phi_s(tmp_path):
   from kivfm import compute_stats
   from kivfm.models import normalizers
   from kivfm.stats import FeatureStats, stats_path
-  config = config_lib.load('configs/ablations/norm_phi_s.py:smoke')
+  config = config_lib.load('configs/ablations/normalizer.py:norm=phi_s,smoke')
   computed = compute_stats.compute(config, str(tmp_path), batches=3, tokens_per_image=8)
   assert computed['dino']['patches'].count == 3 * 8 * 8
   directory = str(tmp_path / 'teacher_stats')
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    run = train.build_run(config, mesh, directory)
+    run = build_run(config, mesh, directory)
     images = np.random.default_rng(3).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     batch = sharding.host_to_global({'image': images}, mesh, config.sharding.rules)
     before = jax.device_get(run.state.stats)
@@ -126,7 +127,7 @@ def test_fixed_statistics_from_the_command_feed_phi_s(tmp_path):
   # Fixed statistics do not move with training.
   np.testing.assert_array_equal(got['mean'], before['unifier']['norm']['vitb']['patches']['mean'])
   with pytest.raises(config_lib.ConfigError, match='python -m kivfm.compute_stats'):
-    train.build_run(config, mesh, str(tmp_path / 'nowhere'))
+    build_run(config, mesh, str(tmp_path / 'nowhere'))
 
 
 def test_trained_student_features_and_stand_in_for_teachers(tmp_path):

@@ -6,7 +6,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from kivfm import config as config_lib, sharding, train
+import helpers
+from helpers import build_run
+from kivfm import assembly, config as config_lib, sharding
 from kivfm.models import layers
 
 
@@ -20,7 +22,7 @@ def smoke(mesh_shape):
 def build(config, devices=None):
   mesh = sharding.make_mesh(config, devices)
   with jax.set_mesh(mesh):
-    return train.build_run(config, mesh)
+    return build_run(config, mesh)
 
 
 def images(n=8, size=32, seed=0):
@@ -28,7 +30,7 @@ def images(n=8, size=32, seed=0):
 
 
 def flat(tree):
-  return {train.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return helpers.flat(tree)
 
 
 def test_logical_to_spec_replicates_what_does_not_divide():
@@ -50,7 +52,7 @@ def test_every_weight_carries_logical_axes():
     del graphdef
     assert params  # non-empty
   # state_shardings raises on any >0-d variable without axes; all models went through it.
-  _, state = train.abstract_split(lambda: layers.Dense(4, 4, rngs=nnx.Rngs(0)))
+  _, state = assembly.abstract_split(lambda: layers.Dense(4, 4, rngs=nnx.Rngs(0)))
   for _, v in nnx.to_flat_state(state):
     assert len(layers.logical_axes(v)) == len(v.shape)
 

@@ -12,7 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from kivfm import config as config_lib, metrics, sharding, train
+import helpers
+from kivfm import assembly, config as config_lib, metrics, sharding, train
 
 SMOKE = 'configs/base.py:smoke'
 
@@ -26,7 +27,7 @@ def smoke(**overrides):
 
 
 def flat(tree):
-  return {train.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return helpers.flat(tree)
 
 
 def images(seed=0):
@@ -36,7 +37,7 @@ def images(seed=0):
 def build(config):
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    return train.build_run(config, mesh)
+    return helpers.build_run(config, mesh)
 
 
 def steps(run, config, n, poison=None):
@@ -151,7 +152,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
   from kivfm import checkpointing
   from kivfm.data import pipeline
   ckpt = checkpointing.Checkpointer(str(tmp_path), keep=3, every=10)
-  state = ckpt.restore(10, train.abstract_like(run.state, run.state_shardings),
+  state = ckpt.restore(10, assembly.abstract_like(run.state, run.state_shardings),
                        pipeline.make_iterator(config, 0, 1))
   ckpt.close()
   for path, value in flat(state.params).items():
@@ -236,3 +237,24 @@ def test_rematerialised_blocks_give_the_same_step():
   (_, s_remat), = steps(build(smoke(**{'student.remat': True})), smoke(), 1)[1]
   np.testing.assert_allclose(s_remat['loss'], s_plain['loss'], rtol=1e-6)
   np.testing.assert_allclose(s_remat['grad_norm'], s_plain['grad_norm'], rtol=1e-5)
+
+
+def test_a_step_with_gradient_shares_runs_the_teachers_once(monkeypatch):
+  """Shares come from the step's own forward pass: tracing the step calls every teacher once,
+  and the shares (computed with this step's statistics) sum to 1."""
+  from kivfm import teachers
+  config = smoke()
+  run = build(config)
+  calls = []
+  real_call = teachers.Teacher.__call__
+  monkeypatch.setattr(teachers.Teacher, '__call__',
+                      lambda self, x: calls.append(self.spec.name) or real_call(self, x))
+  step = train.make_train_step(config, run)
+  with jax.set_mesh(run.mesh):
+    batch = sharding.host_to_global({'image': images()}, run.mesh, config.sharding.rules)
+    _, scalars = jax.jit(step)(run.state, run.frozen, run.teacher_set.params, batch['image'],
+                               True)
+  assert sorted(calls) == ['tiny-dino', 'tiny-vit-b']
+  scalars = jax.device_get(scalars)
+  assert abs(scalars['grad_share/dino'] + scalars['grad_share/vitb'] - 1) < 1e-5
+  assert scalars['grad_norm/dino'] > 0 and scalars['grad_norm/vitb'] > 0

@@ -17,6 +17,8 @@ from kivfm.models.vit import ViT, ViTConfig, resize_matrix  # noqa: E402
 from kivfm.teachers import vit_port  # noqa: E402
 from kivfm.weights.errors import ShapeMismatchError  # noqa: E402
 
+from helpers import ported  # noqa: E402
+
 TOL = 1e-4
 BATCH = 2
 FAST_COMPILE = {'xla_backend_optimization_level': 0}  # tiny models: compile time dominates
@@ -38,7 +40,7 @@ def _images(size: tuple[int, int], seed: int) -> torch.Tensor:
 
 def _ours(cfg, pure):
   """Jitted forward of the ported ViT: NCHW torch images -> numpy outputs with every layer."""
-  graphdef, state = nnx.split(vit_port.build(lambda: ViT(cfg, rngs=nnx.Rngs(0)), pure))
+  graphdef, state = nnx.split(ported(lambda: ViT(cfg, rngs=nnx.Rngs(0)), pure))
   every = tuple(range(cfg.depth))
   forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, return_layers=every),
                     compiler_options=FAST_COMPILE)

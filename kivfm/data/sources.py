@@ -30,15 +30,11 @@ from __future__ import annotations
 
 import os
 
-from kivfm.config import ConfigError
 from kivfm.data import images, synthetic
+from kivfm.errors import ConfigError, DataUnavailableError
 
 SOURCES = ('synthetic', 'tfds', 'folder', 'fashion_mnist', 'photos', 'mixture')
 SPEC_KINDS = ('synthetic', 'tfds', 'folder', 'fashion_mnist', 'photos')
-
-
-class DataUnavailableError(RuntimeError):
-  """A dataset that is missing or not prepared; the message carries the command that fixes it."""
 
 
 # --------------------------------------------------------------------------------------------

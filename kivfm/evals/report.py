@@ -1,4 +1,4 @@
-"""End-of-run evaluation of a distilled student: DIR/eval/report.json, curves.png, a table.
+"""The inheritance report (evaluator 'report'): DIR/eval/report.json, curves.png, a table.
 
 Measured on held-out real images (Fashion-MNIST test split from the Debian package, photos from
 scikit-image / scikit-learn), never on the distillation stream:
@@ -11,7 +11,6 @@ scikit-image / scikit-learn), never on the distillation stream:
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -32,11 +31,11 @@ def _to_rgb(images: np.ndarray, size: int) -> np.ndarray:
   return np.stack(out)
 
 
-def held_out_images(config, size: int) -> dict:
+def held_out_images(options, fashion_mnist_dir: str, size: int) -> dict:
   """{'train': (images, labels), 'test': (images, labels), 'photos': images} at `size`."""
-  e = config.eval
-  train_x, train_y = offline.read_fashion_mnist(config.data.fashion_mnist_dir, 'train')
-  test_x, test_y = offline.read_fashion_mnist(config.data.fashion_mnist_dir, 'test')
+  e = options
+  train_x, train_y = offline.read_fashion_mnist(fashion_mnist_dir, 'train')
+  test_x, test_y = offline.read_fashion_mnist(fashion_mnist_dir, 'test')
   photos = [image for _, image in offline.load_photos()]
   return {'train': (_to_rgb(train_x[:e.probe_train], size), train_y[:e.probe_train]),
           'test': (_to_rgb(test_x[:e.probe_test], size), test_y[:e.probe_test]),
@@ -71,10 +70,10 @@ def _probes(train, test, train_y, test_y, k: int) -> dict:
           'linear': linear_probe.linear_probe_accuracy(train, train_y, test, test_y)}
 
 
-def evaluate(config, student, images: dict, held_out: np.ndarray, fidelity_before: dict) -> dict:
+def evaluate(options, student, images: dict, held_out: np.ndarray, fidelity_before: dict) -> dict:
   """The report dict; `images` from `held_out_images`, `held_out` the images for the heads and
   fidelity (the same as for `fidelity_before`)."""
-  b, k = config.eval.batch_size, config.eval.knn_k
+  b, k = options.batch_size, options.knn_k
   (train_x, train_y), (test_x, test_y) = images['train'], images['test']
   global_features = {'student': lambda x: student.features(x)['cls']}
   for alias in student.teachers:
@@ -105,29 +104,39 @@ def evaluate(config, student, images: dict, held_out: np.ndarray, fidelity_befor
   }
 
 
-class Evaluation:
-  """Held-out images and the student's fidelity before training (at construction), the whole
-  report after it (`finish`)."""
+class InheritanceReport:
+  """Probes, inherited heads and fidelity before (`start`) and after training (`evaluate`)."""
 
-  def __init__(self, config, run):
-    from kivfm import inference
-    self.config, self.run = config, run
-    self.images = held_out_images(config, config.data.image_size)
-    self.before = fidelities(inference.from_run(run, run.state), self.head_images(),
-                             config.eval.batch_size)
+  DEFAULTS = dict(
+      probe_train=2000,               # Fashion-MNIST train images for the kNN / linear probes
+      probe_test=1000,                # Fashion-MNIST test images the probes are scored on
+      knn_k=20,
+      head_images=256,                # test images (+ the offline photos) for heads / fidelity
+      batch_size=64,
+  )
+
+  def __init__(self, options, config):
+    self.options = options
+    self.images = held_out_images(options, config.data.fashion_mnist_dir, config.data.image_size)
+    self.before = None
 
   def head_images(self) -> np.ndarray:
-    test = self.images['test'][0][:self.config.eval.head_images]
+    test = self.images['test'][0][:self.options.head_images]
     return np.concatenate([test, self.images['photos']])
 
-  def finish(self, workdir: str, state, write: bool = True) -> dict:
-    from kivfm import inference
-    results = evaluate(self.config, inference.from_run(self.run, state), self.images,
-                       self.head_images(), self.before)
-    if write:
-      directory = write_report(workdir, results)
-      print(table(results), f'\n(report and curves in {directory})', flush=True)
-    return results
+  def start(self, student) -> None:
+    self.before = fidelities(student, self.head_images(), self.options.batch_size)
+
+  def evaluate(self, student) -> dict:
+    if self.before is None:
+      raise RuntimeError('the inheritance report compares with the untrained student: call '
+                         'start(student) before training')
+    return evaluate(self.options, student, self.images, self.head_images(), self.before)
+
+  def write(self, results: dict, workdir: str) -> None:
+    directory = os.path.join(workdir, 'eval')
+    plot_curves(os.path.join(workdir, 'metrics.jsonl'), os.path.join(directory, 'curves.png'))
+    print(table(results), f'\n(report and curves in {directory})', flush=True)
 
 
 def table(report: dict) -> str:
@@ -165,12 +174,3 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
-
-
-def write_report(workdir: str, report: dict) -> str:
-  directory = os.path.join(workdir, 'eval')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
-  plot_curves(os.path.join(workdir, 'metrics.jsonl'), os.path.join(directory, 'curves.png'))
-  return directory

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kivfm.models import layers
 from kivfm.teachers import registry
 from kivfm.weights import readers
+from kivfm.weights.readers import path_str
 from kivfm.weights.errors import (CorruptWeightFileError, MissingWeightFileError,
                                   check_keys_and_shapes)
 from kivfm.weights.sources import WeightSource, sha256_of
@@ -213,12 +215,31 @@ def load(name: str, *, weights: str = 'pretrained', image_size: int | tuple[int,
 def load_spec(spec: registry.TeacherSpec, *, weights: str = 'pretrained',
               image_size: int | tuple[int, int] = 0, dtype=jnp.float32) -> Teacher:
   """`load` for a spec object (registered or not)."""
-  params = readers.flatten(pretrained_params(spec, weights))
   graphdef, abstract = nnx.split(nnx.eval_shape(
       lambda: Teacher(spec, image_size=image_size, dtype=dtype, rngs=nnx.Rngs(0))))
-  variables = {'/'.join(map(str, path)): v for path, v in nnx.to_flat_state(abstract)}
-  check_keys_and_shapes({k: v.shape for k, v in variables.items()}, params,
-                        f'converted weights of {spec.name!r}')
-  for key, variable in variables.items():
-    variable.set_value(jnp.asarray(params[key], variable.dtype))
-  return nnx.merge(graphdef, abstract)
+  params = place(pretrained_params(spec, weights), abstract,
+                 f'converted weights of {spec.name!r}')
+  return nnx.merge(graphdef, nnx.State(params))
+
+
+def place(params: dict, abstract_state: nnx.State, source: str, shardings: dict | None = None
+          ) -> dict:
+  """Host parameters (nested, numpy) -> the pure dict of jax.Arrays of the module whose abstract
+  state is `abstract_state`, each in its variable's dtype, after checking every key and shape
+  (one ShapeMismatchError naming all problems, `source` in the message). `shardings` (pure dict
+  of NamedShardings) places them on a mesh, each process filling only its own shards; without
+  it they go to the default device."""
+  flat = readers.flatten(params)
+  variables = {path_str(path): v for path, v in nnx.to_flat_state(abstract_state)}
+  check_keys_and_shapes({k: v.shape for k, v in variables.items()}, flat, source)
+
+  def one(path, target_sharding=None):
+    key = path_str(path)
+    x = np.asarray(flat[key], variables[key].dtype)
+    if target_sharding is None:
+      return jnp.asarray(x)
+    return jax.make_array_from_callback(x.shape, target_sharding, lambda index: x[index])
+
+  if shardings is None:
+    return jax.tree_util.tree_map_with_path(lambda p, _: one(p), nnx.to_pure_dict(abstract_state))
+  return jax.tree_util.tree_map_with_path(one, shardings)

@@ -6,8 +6,6 @@ Keys: `_conv_stem`, `_bn0`, `_blocks.{i}._{expand,depthwise,project}_conv` with 
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -48,15 +46,14 @@ def _torch_shape(shape: tuple) -> tuple:
   return tuple(shape[a] for a in axes)
 
 
-def _abstract_model(cfg: EfficientNetLiteConfig, dtype=jnp.float32,
-                    param_dtype=jnp.float32) -> EfficientNetLite:
-  """The model with shape-only parameters (no initialisation is run)."""
-  return nnx.eval_shape(lambda: EfficientNetLite(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                 rngs=nnx.Rngs(0)))
+def convert_efficientnet_lite(state_dict: dict[str, np.ndarray], cfg: EfficientNetLiteConfig,
+                              source: str = 'efficientnet-lite state dict') -> dict:
+  """Nested pure dict (float32 numpy) of the model's parameters.
 
-
-def _convert(state_dict: dict[str, np.ndarray], cfg: EfficientNetLiteConfig,
-             abstract: EfficientNetLite, source: str) -> dict:
+  Raises `kivfm.weights.errors.ShapeMismatchError` naming every missing key, unexpected key and
+  wrong shape (PyTorch names and layouts).
+  """
+  abstract = nnx.eval_shape(lambda: EfficientNetLite(cfg, rngs=nnx.Rngs(0)))
   shapes = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
   names = torch_names(cfg)
   expected = {key: _torch_shape(shapes[path].shape) for key, path in names.items()}
@@ -64,24 +61,3 @@ def _convert(state_dict: dict[str, np.ndarray], cfg: EfficientNetLiteConfig,
   check_keys_and_shapes(expected, got, source)
   return traverse_util.unflatten_dict(
       {names[k]: _to_flax(np.asarray(v, np.float32)) for k, v in got.items()})
-
-
-def convert_efficientnet_lite(state_dict: dict[str, np.ndarray], cfg: EfficientNetLiteConfig,
-                              source: str = 'efficientnet-lite state dict') -> dict:
-  """Nested pure dict (float32 numpy) for `nnx.replace_by_pure_dict` on the model's state.
-
-  Raises `kivfm.weights.errors.ShapeMismatchError` naming every missing key, unexpected key and
-  wrong shape (PyTorch names and layouts).
-  """
-  return _convert(state_dict, cfg, _abstract_model(cfg), source)
-
-
-def load_efficientnet_lite(state_dict: dict[str, np.ndarray], cfg: EfficientNetLiteConfig, *,
-                           dtype=jnp.float32, param_dtype=jnp.float32,
-                           source: str = 'efficientnet-lite state dict') -> EfficientNetLite:
-  """An `EfficientNetLite` holding the converted weights, built without random initialisation."""
-  abstract = _abstract_model(cfg, dtype, param_dtype)
-  pure = _convert(state_dict, cfg, abstract, source)
-  graphdef, state = nnx.split(abstract)
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, param_dtype), pure))
-  return nnx.merge(graphdef, state)

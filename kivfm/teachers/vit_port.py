@@ -3,7 +3,7 @@
 Every `from_*` converter takes a flat state dict (name -> array in PyTorch layout), checks every
 key and shape against the config (one ShapeMismatchError naming all missing, unexpected and
 misshapen keys; keys deliberately ignored are listed in the converter) and returns the nested pure
-dict of `nnx.state(ViT(cfg))`; `load_into` applies it. Layouts:
+dict of `nnx.state(ViT(cfg))` (`kivfm.teachers.place` puts it into a model). Layouts:
   * HF DINOv2 / DINOv2-with-registers: `embeddings.*`, `encoder.layer.{i}.*`, `layernorm.*`, with
     any prefix (`dinov2.`, `backbone.`, ...); hub names (`attention.attention.query`,
     `mlp.weights_in`) and transformers-5 module names (`attention.q_proj`, `mlp.gate_proj`);
@@ -19,7 +19,6 @@ import importlib.util
 import os
 from typing import Callable, Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
@@ -191,32 +190,6 @@ def _prefix(state: StateDict, anchor: str, source: str) -> str:
     raise ValueError(f'{source}: several models in one state dict (prefixes {hits}); '
                      'pass the sub-dict of one of them')
   return hits[0] if hits else ''
-
-
-def _cast_like(state: nnx.State, pure: dict) -> dict:
-  """`pure` with each array cast to the dtype of its parameter in `state`; paths must match."""
-  current = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-  new = traverse_util.flatten_dict(pure)
-  if set(current) != set(new):
-    names = lambda paths: sorted(map(str, paths))
-    raise ValueError(f'parameter paths differ: missing {names(set(current) - set(new))}, '
-                     f'unexpected {names(set(new) - set(current))}')
-  return traverse_util.unflatten_dict(
-      {path: jnp.asarray(new[path], current[path].dtype) for path in current})
-
-
-def load_into(model: nnx.Module, pure: dict) -> None:
-  """Writes a converted pure dict into an existing `model`."""
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, _cast_like(state, pure))
-  nnx.update(model, state)
-
-
-def build(make_model: Callable[[], nnx.Module], pure: dict) -> nnx.Module:
-  """The model `make_model` creates, holding the converted weights, without a random init."""
-  graphdef, state = nnx.split(nnx.eval_shape(make_model))
-  nnx.replace_by_pure_dict(state, _cast_like(state, pure))
-  return nnx.merge(graphdef, state)
 
 
 # ------------------------------------------------------------------------------------- DINOv2

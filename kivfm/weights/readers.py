@@ -34,18 +34,24 @@ NPZ_DTYPES_KEY = '__dtypes__'
 NPZ_DIGEST_KEY = '__sha256__'
 
 
+def path_str(path, sep: str = '/') -> str:
+  """A parameter path (an nnx state path, or a jax key path) -> 'student/vit/blocks/0/...'."""
+  return sep.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
 def flatten(tree: Mapping, sep: str = '/') -> dict[str, Any]:
-  """Nested dicts (and lists / tuples, keyed by index) -> {'a/b/0': leaf}."""
+  """Nested dicts (and lists / tuples, keyed by index) -> {'a/b/0': leaf}, in insertion order
+  (which `traverse_util.flatten_dict` keeps too, but it does not enter lists)."""
   flat = {}
 
-  def visit(node, prefix: str):
+  def visit(node, path: tuple):
     if isinstance(node, (Mapping, list, tuple)):
       for key, child in (node.items() if isinstance(node, Mapping) else enumerate(node)):
-        visit(child, f'{prefix}{sep}{key}' if prefix else str(key))
+        visit(child, (*path, key))
     else:
-      flat[prefix] = node
+      flat[path_str(path, sep)] = node
 
-  visit(tree, '')
+  visit(tree, ())
   return flat
 
 

@@ -1,0 +1,1 @@
+"""kivfm configs: `get_config(arg)` files, loaded by `--config=configs/<file>.py[:arg]`."""
