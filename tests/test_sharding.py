@@ -1,6 +1,5 @@
 """Parameters, optimizer state and batches are sharded as the rules say; results match 1 device."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

@@ -260,7 +260,7 @@ def test_teacher_without_source_needs_a_path():
 
 
 # ---------------------------------------------------------------------------------------------
-# The real offline teachers (PyPI packages, see /work/shared/ASSETS.md).
+# The real offline teachers (PyPI packages: requirements-assets.txt).
 
 def _require(package: str, pip_name: str) -> None:
   if importlib.util.find_spec(package) is None:

