@@ -103,11 +103,14 @@ def jit_train_step(config, run: assembly.Run):
   teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_set.params)
   images_sharding = sharding.batch_sharding(run.mesh, config.sharding.rules, 4)
   replicated = NamedSharding(run.mesh, P())
-  return jax.jit(
+  jitted = jax.jit(
       make_train_step(config, run),
       in_shardings=(run.state_shardings, run.frozen_shardings, teacher_shardings,
                     images_sharding, replicated),
       out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
+  # jit with in_shardings takes no defaults: `with_shares` is optional here.
+  return lambda state, frozen, teacher_params, images, with_shares=False: jitted(
+      state, frozen, teacher_params, images, with_shares)
 
 
 # --------------------------------------------------------------------------------------------
