@@ -40,9 +40,10 @@ def make_train_step(config, run: assembly.Run):
   """train_step(state, frozen, teacher_params, images, with_shares=False) -> (state, scalars).
 
   The teachers run once; the KPU runs forward once. With `with_shares` (a boolean, traced: one
-  program for all steps) the same forward pass also gives each teacher's gradient norm and share
-  of their sum (`grad_norm/<t>`, `grad_share/<t>`; one batched backward pass over the teachers,
-  with this step's statistics); without it those scalars are zero.
+  program for all steps) the same forward pass also gives the norm of the gradient each teacher's
+  weighted loss sends into the student's features f(I) = {x, V} and its share of their sum
+  (`grad_norm/<t>`, `grad_share/<t>`; one batched backward pass through the unifier, with this
+  step's statistics); without it those scalars are zero.
   """
   weights = {alias: t.weight for alias, t in config.teachers.items()}
   aliases = sorted(config.teachers)
@@ -58,24 +59,32 @@ def make_train_step(config, run: assembly.Run):
     model.unifier.update_stats(targets)
     stats = nnx.to_pure_dict(nnx.state(model, normalizers.NormStats))
 
-    def loss_fn(params):
-      outputs = merge(params, stats)(images, targets)
+    # Two stages, so each teacher's gradient at the student's features comes from this forward
+    # pass: f(I) = student(params); loss = objective(unify(params, f(I))).
+    features, student_backward = jax.vjp(lambda p: merge(p, stats).student(images),
+                                         state.params)
+
+    def heads_loss(params, features):
+      outputs = merge(params, stats).unify(features, targets)
       loss, terms = losses.objective(outputs, targets, weights, config.student.knowledge_base,
                                      config.loss)
       per_teacher = jnp.stack([weights[a] * terms[f'loss/{a}'] for a in aliases])
       return (loss, per_teacher), terms
 
-    (loss, per_teacher), backward, terms = jax.vjp(loss_fn, state.params, has_aux=True)
-    (grads,) = backward((jnp.ones_like(loss), jnp.zeros_like(per_teacher)))
+    (loss, per_teacher), heads_backward, terms = jax.vjp(heads_loss, state.params, features,
+                                                         has_aux=True)
+    head_grads, feature_grads = heads_backward((jnp.ones_like(loss), jnp.zeros_like(per_teacher)))
+    (student_grads,) = student_backward(feature_grads)
+    grads = jax.tree.map(jnp.add, head_grads, student_grads)
 
-    def teacher_grad_norms():  # one batched backward pass over the teachers' weighted losses
+    def teacher_feature_grad_norms():  # the gradient each teacher sends into f(I)
       rows = (jnp.zeros(len(aliases), loss.dtype), jnp.eye(len(aliases), dtype=per_teacher.dtype))
-      (per_row,) = jax.vmap(backward)(rows)
+      _, per_row = jax.vmap(heads_backward)(rows)
       return jnp.stack([optax.global_norm(jax.tree.map(lambda g: g[i], per_row))
                         for i in range(len(aliases))])
 
-    # One program for every step: the extra backward pass runs only when `with_shares` is set.
-    norms = jax.lax.cond(with_shares, teacher_grad_norms, lambda: jnp.zeros(len(aliases)))
+    # One program for every step; the extra (heads-only) backward runs when `with_shares` is set.
+    norms = jax.lax.cond(with_shares, teacher_feature_grad_norms, lambda: jnp.zeros(len(aliases)))
     shares = {f'grad_norm/{a}': norms[i] for i, a in enumerate(aliases)}
     shares.update({f'grad_share/{a}': norms[i] / (norms.sum() + 1e-12)
                    for i, a in enumerate(aliases)})

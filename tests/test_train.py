@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -117,8 +118,35 @@ def test_consecutive_non_finite_stop_the_run_and_keep_the_last_good_checkpoint(t
   assert sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints'))[-1] == last_finite
 
 
-def test_smoke_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path):
+class FeatureNormEvaluator:
+  """A plug-in evaluator for the test: mean global-feature norm of the student, and of its
+  prediction of teacher vitb, on fixed images."""
+  DEFAULTS = dict(images=4)
+  instances = []
+
+  def __init__(self, options, config):
+    self.options, self.calls = options, []
+    self.images = images(99)[:options.images]
+    self.instances.append(self)
+
+  def start(self, student):
+    self.calls.append('start')
+
+  def evaluate(self, student):
+    self.calls.append('evaluate')
+    norm = lambda x: float(np.linalg.norm(np.asarray(x), axis=-1).mean())
+    return {'student': norm(student.features(self.images)['cls']),
+            'as_teacher': {'vitb': norm(student.as_teacher('vitb')(self.images)['cls'])}}
+
+  def write(self, results, workdir):
+    (Path(workdir) / 'eval' / 'norms.txt').write_text(json.dumps(results))
+
+
+def test_smoke_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path, monkeypatch):
+  from kivfm import evals
+  monkeypatch.setitem(evals.EVALUATORS, 'norms', FeatureNormEvaluator)
   config = smoke()
+  config.evals.norms = config_lib.evaluator('norms', every=10, images=2)
   final = train.train_and_evaluate(config, str(tmp_path))
   records = metrics.read_jsonl(tmp_path / 'metrics.jsonl')
   assert [r['step'] for r in records] == list(range(1, 21))
@@ -133,6 +161,14 @@ def test_smoke_run_writes_metrics_config_tensorboard_and_checkpoints(tmp_path):
               'recon/vitb', 's2t/vitb', 'preservation'):
     assert key in records[0], key
   assert final['loss'] == records[-1]['loss']
+  # The evaluator plug-in ran before training, at step 10 and at the end, into the metrics,
+  # DIR/eval/<name>.json and its own file.
+  assert FeatureNormEvaluator.instances[-1].calls == ['start', 'evaluate', 'evaluate']
+  evaluated = [r['step'] for r in records if 'eval/norms/student' in r]
+  assert evaluated == [10, 20] and 'eval/norms/as_teacher/vitb' in records[-1]
+  result = json.loads((tmp_path / 'eval' / 'norms.json').read_text())
+  assert result['student'] == pytest.approx(records[-1]['eval/norms/student'])
+  assert json.loads((tmp_path / 'eval' / 'norms.txt').read_text()) == result
   assert json.loads((tmp_path / 'config.json').read_text())['teachers']['dino']['name'] == (
       'tiny-dino')
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'tensorboard'))

@@ -24,7 +24,10 @@ class KPU(nnx.Module):
     'in_teacher_space': alias -> that prediction de-normalised, 'normalized': alias -> N_t(g_t),
     'shared': alias -> shared-space codes (empty without a shared space)}; every value a
     {'cls', 'patches'} pair (the shared codes one per role)."""
-    student = self.student(images)
+    return self.unify(self.student(images), targets)
+
+  def unify(self, student: dict, targets: dict) -> dict:
+    """`__call__` from the student's features f(I) = {'cls', 'patches'} on."""
     predictions = self.unifier(student)
     normalized = self.unifier.normalize(targets)
     return {
