@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kivfm import optim, sharding, teachers
 from kivfm.errors import ConfigError
-from kivfm.models import normalizers
+from kivfm.models import adapters, normalizers
 from kivfm.models.kpu import KPU
 from kivfm.models.student import Student
 from kivfm.models.unifier import Unifier
@@ -59,13 +59,29 @@ class TeacherSet:
   shapes: dict                    # alias -> (width, (grid_h, grid_w))
   specs: dict                     # alias -> TeacherSpec
 
-  def forward(self, params: dict, images: jax.Array) -> dict:
-    """alias -> {'cls', 'patches'} (and native outputs) under stop_gradient."""
+  def forward(self, params: dict, images: jax.Array, trunk: tuple | None = None) -> dict:
+    """alias -> {'cls', 'patches'} (and native outputs) under stop_gradient. `trunk`:
+    (alias, tokens, grid, start): that teacher continues from the tokens entering its block
+    `start` instead of running on `images` (a trunk shared with the student)."""
     out = {}
     for alias, graphdef in self.graphdefs.items():
       model = nnx.merge(graphdef, nnx.State(params[alias]))
-      out[alias] = jax.lax.stop_gradient(model(images))
+      if trunk is not None and trunk[0] == alias:
+        out[alias] = jax.lax.stop_gradient(model.from_tokens(*trunk[1:]))
+      else:
+        out[alias] = jax.lax.stop_gradient(model(images))
     return out
+
+
+def kernels_in_compute_dtype(config, teacher_set: TeacherSet) -> TeacherSet:
+  """The teachers with their Dense / Conv kernels stored in their compute dtype: those layers
+  cast kernels at use, so outputs are unchanged while memory and per-step casts drop (bf16)."""
+  def cast(alias, params):
+    dtype = DTYPES[config.teachers[alias].dtype]
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x.astype(dtype) if path_str(path).endswith('kernel') else x, params)
+  return dataclasses.replace(teacher_set, params={alias: cast(alias, p) for alias, p in
+                                                  teacher_set.params.items()})
 
 
 def build_teachers(config, mesh) -> TeacherSet:
@@ -101,8 +117,8 @@ def build_kpu(config, teacher_set: TeacherSet, seed: int) -> KPU:
   rngs = nnx.Rngs(seed)
   student = Student(kb.arch, image_size=(config.data.image_size,) * 2, mean=kb.mean, std=kb.std,
                     adapter=s.adapter, adapter_dim=s.adapter_dim, adapter_scale=s.adapter_scale,
-                    lora_rank=s.lora_rank, lora_alpha=s.lora_alpha, remat=s.remat, dtype=dtype,
-                    rngs=rngs)
+                    lora_rank=s.lora_rank, lora_alpha=s.lora_alpha,
+                    adapter_blocks=s.adapter_blocks, remat=s.remat, dtype=dtype, rngs=rngs)
   u = config.unifier
   unifier = Unifier(kb.arch.width, teacher_set.shapes, hidden=u.hidden, depth=u.layers,
                     shared_dim=u.shared_dim, normalizer=u.normalizer, momentum=u.ema_momentum,
@@ -136,6 +152,25 @@ class Run:
     state = self.state if state is None else state
     return nnx.merge(self.kpu_graphdef, nnx.State(state.params), nnx.State(state.stats),
                      nnx.State(self.frozen))
+
+
+def shares_trunk(config, run: Run) -> bool:
+  """Whether the student's lower blocks, below its first adapter (`student.adapter_blocks`),
+  compute exactly what the knowledge-base teacher computes, so one evaluation serves both:
+  nothing there trains, and both see the same view at the same resolution and dtype."""
+  alias = config.student.knowledge_base
+  tcfg, spec = config.teachers[alias], run.teacher_set.specs[alias]
+  if not config.student.adapter_blocks or tcfg.dtype != config.dtype:
+    return False
+  size = tcfg.image_size or spec.image_size
+  if tuple(size if isinstance(size, tuple) else (size, size)) != (config.data.image_size,) * 2:
+    return False
+  first = adapters.first_adapted(spec.arch.depth, config.student.adapter_blocks)
+  trunk = ('patch_embed', 'cls_token', 'registers', 'pos_embed', 'pre_norm',
+           *(f'blocks/{i}' for i in range(first)))
+  trainable = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(run.state.params)[0]]
+  return not any(p == f'student/vit/{t}' or p.startswith(f'student/vit/{t}/')
+                 for p in trainable for t in trunk)
 
 
 def load_fixed_stats(config, teacher_set: TeacherSet, stats: dict, stats_dir: str) -> dict:
@@ -193,6 +228,7 @@ def build_run(config, mesh, stats_dir: str = '') -> Run:
 
   init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
   state, frozen = sharding.run_once(init, kb_params)
+  teacher_set = kernels_in_compute_dtype(config, teacher_set)  # after the student inherits
   if config.unifier.normalizer in ('zscore', 'phi_s'):
     fixed = load_fixed_stats(config, teacher_set, state.stats, stats_dir)
     state = state.replace(stats=jax.tree.map(

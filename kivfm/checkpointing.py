@@ -25,9 +25,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def is_due(self, step: int) -> bool:
+    return step % self.every == 0
+
   def save(self, step: int, state, data_iterator, config_dict: dict, *, force: bool = False):
     """Saves when `step` is a multiple of `every` (or `force`); returns whether it saved."""
-    if not force and step % self.every:
+    if not force and not self.is_due(step):
       return False
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),

@@ -105,8 +105,24 @@ def defaults() -> ConfigDict:
       lora_rank=8,
       lora_alpha=16.0,
       remat=False,                    # rematerialise transformer blocks
+      # Adapters in the last K blocks only (0: every block). The frozen blocks below them run
+      # once per step, shared with the knowledge-base teacher, and get no backward pass.
+      adapter_blocks=0,
   ))
   c.teachers = ConfigDict()
+  # A teacher-target cache (`python -m kivfm.cache`): training reads the teachers' targets from
+  # this directory instead of running them. '': run the teachers online.
+  c.teacher_cache = ''
+  c.cache = ConfigDict(dict(          # building a teacher-target cache (kivfm/cache.py)
+      views=4,                        # augmented views per image: records = examples * views
+      dtype='int8',                   # int8 (per-channel float16 scales) | bfloat16
+      # ((alias, dims), ...): store that teacher's patch maps as `dims` principal components
+      # (decoded back to full width on read), e.g. (('dino', 192),); others keep full width
+      pca_dim=(),
+      pca_fit_examples=256,           # examples (all their views) the PCA is fitted on
+      chunk_examples=1024,            # examples per chunk file: the unit of resuming
+      batch_size=64,                  # views per teacher forward pass, per process
+  ))
   c.unifier = ConfigDict(dict(
       hidden=1024,                    # s2t MLP hidden width
       layers=2,                       # s2t MLP depth
@@ -249,6 +265,23 @@ def _positive(config: ConfigDict, *keys: str) -> None:
       raise ConfigError(f'config.{key}={value!r} must be a positive number')
 
 
+def _validate_cache(config: ConfigDict) -> None:
+  """config.cache: the settings of `python -m kivfm.cache`."""
+  cache = config.cache
+  _allowed('cache.dtype', cache.dtype, ('int8', 'bfloat16'))
+  for key in ('views', 'pca_fit_examples', 'chunk_examples', 'batch_size'):
+    if not (isinstance(cache[key], int) and cache[key] > 0):
+      raise ConfigError(f'config.cache.{key}={cache[key]!r} must be a positive integer')
+  if cache.batch_size < cache.views:
+    raise ConfigError(f'config.cache.batch_size={cache.batch_size} must be >= config.cache.views='
+                      f'{cache.views} (one forward pass holds all views of an image)')
+  for entry in cache.pca_dim:
+    if (len(entry) != 2 or entry[0] not in config.teachers or not isinstance(entry[1], int)
+        or entry[1] <= 0):
+      raise ConfigError(f'config.cache.pca_dim entry {entry!r} must be (teacher alias, dims > 0) '
+                        f'with an alias of config.teachers ({", ".join(config.teachers)})')
+
+
 def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first wrong key; checks the schema, values and the machine."""
   schema = defaults()
@@ -282,6 +315,7 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
             'max_consecutive_nonfinite', 'data.batch_size', 'data.image_size',
             'data.num_examples', 'student.adapter_dim', 'student.lora_rank', 'unifier.hidden',
             'unifier.layers', 'optim.lr')
+  _validate_cache(config)
   for axis in config.mesh.axes:
     _allowed('mesh.axes', axis, MESH_AXES)
   mapped = {a for _, axes in config.sharding.rules
@@ -312,6 +346,10 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
   if kb.family != 'vit':
     raise ConfigError(f'config.student.knowledge_base={config.student.knowledge_base!r} is a '
                       f'{kb.family} teacher; the student inherits a ViT (e.g. a DINOv2)')
+  if not 0 <= config.student.adapter_blocks <= kb.arch.depth:
+    raise ConfigError(f'config.student.adapter_blocks={config.student.adapter_blocks} must be in '
+                      f'[0, {kb.arch.depth}] (the knowledge base has {kb.arch.depth} blocks; '
+                      f'0: adapters in every block)')
   if config.data.image_size % kb.arch.patch_size:
     raise ConfigError(f'config.data.image_size={config.data.image_size} is not a multiple of the '
                       f'student patch size {kb.arch.patch_size}')

@@ -36,10 +36,12 @@ class NonFiniteError(RuntimeError):
 # The jitted train step.
 # --------------------------------------------------------------------------------------------
 
-def make_train_step(config, run: assembly.Run):
-  """train_step(state, frozen, teacher_params, images, with_shares=False) -> (state, scalars).
+def make_train_step(config, run: assembly.Run, cached: bool = False):
+  """train_step(state, frozen, teachers, images, with_shares=False) -> (state, scalars).
 
-  The teachers run once; the KPU runs forward once. With `with_shares` (a boolean, traced: one
+  `teachers`: the teachers' parameters (they run once, on this batch), or with `cached` their
+  targets on it, alias -> {'cls', 'patches'} (read from a teacher-target cache, `kivfm.cache`).
+  The KPU runs forward once. With `with_shares` (a boolean, traced: one
   program for all steps) the same forward pass also gives the norm of the gradient each teacher's
   weighted loss sends into the student's features f(I) = {x, V} and its share of their sum
   (`grad_norm/<t>`, `grad_share/<t>`; one batched backward pass through the unifier, with this
@@ -49,20 +51,26 @@ def make_train_step(config, run: assembly.Run):
   aliases = sorted(config.teachers)
   schedule = optim.make_schedule(config)
   teacher_set, graphdef, tx = run.teacher_set, run.kpu_graphdef, run.tx
+  share_trunk = assembly.shares_trunk(config, run)
 
-  def train_step(state: assembly.TrainState, frozen: dict, teacher_params: dict,
+  def train_step(state: assembly.TrainState, frozen: dict, teachers: dict,
                  images: jax.Array, with_shares=False):
-    targets = teacher_set.forward(teacher_params, images)
     merge = lambda params, stats: nnx.merge(graphdef, nnx.State(params), nnx.State(stats),
                                            nnx.State(frozen))
     model = merge(state.params, state.stats)
+    if share_trunk:  # the frozen blocks below the first adapter run once, for both
+      tokens, grid = model.student.trunk(images)
+      student = lambda p: merge(p, state.stats).student.from_trunk(tokens, grid)
+      trunk = (config.student.knowledge_base, tokens, grid, model.student.first_adapted)
+    else:
+      student, trunk = lambda p: merge(p, state.stats).student(images), None
+    targets = teachers if cached else teacher_set.forward(teachers, images, trunk)
     model.unifier.update_stats(targets)
     stats = nnx.to_pure_dict(nnx.state(model, normalizers.NormStats))
 
     # Two stages, so each teacher's gradient at the student's features comes from this forward
     # pass: f(I) = student(params); loss = objective(unify(params, f(I))).
-    features, student_backward = jax.vjp(lambda p: merge(p, stats).student(images),
-                                         state.params)
+    features, student_backward = jax.vjp(student, state.params)
 
     def heads_loss(params, features):
       outputs = merge(params, stats).unify(features, targets)
@@ -107,19 +115,24 @@ def make_train_step(config, run: assembly.Run):
   return train_step
 
 
-def jit_train_step(config, run: assembly.Run):
-  """The train step jitted with the run's shardings (state donated)."""
-  teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_set.params)
-  images_sharding = sharding.batch_sharding(run.mesh, config.sharding.rules, 4)
+def jit_train_step(config, run: assembly.Run, cached: bool = False):
+  """The train step jitted with the run's shardings (state donated); see `make_train_step`."""
+  batch = lambda ndim: sharding.batch_sharding(run.mesh, config.sharding.rules, ndim)
+  if cached:
+    teacher_shardings = {alias: {'cls': batch(2), 'patches': batch(4)}
+                         for alias in run.teacher_set.specs}
+  else:
+    teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_set.params)
+  images_sharding = batch(4)
   replicated = NamedSharding(run.mesh, P())
   jitted = jax.jit(
-      make_train_step(config, run),
+      make_train_step(config, run, cached),
       in_shardings=(run.state_shardings, run.frozen_shardings, teacher_shardings,
                     images_sharding, replicated),
       out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
   # jit with in_shardings takes no defaults: `with_shares` is optional here.
-  return lambda state, frozen, teacher_params, images, with_shares=False: jitted(
-      state, frozen, teacher_params, images, with_shares)
+  return lambda state, frozen, teachers, images, with_shares=False: jitted(
+      state, frozen, teachers, images, with_shares)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,47 +208,67 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = metrics.MetricsWriter(workdir, enabled=lead, start_step=start)
     progress = metrics.Progress(config.total_steps, start, config.progress if lead else 'none')
     teacher_params = run.teacher_set.params
+    pending = []     # (step, scalars on device, host scalars): fetched together at sync points
     last = {}
+
+    def drain() -> dict:
+      """Fetches the pending steps' scalars in one transfer and writes all but the last (which
+      the caller completes with evaluation results); raises NonFiniteError at the first step
+      that ends a run of too many skipped updates."""
+      nonlocal pending, t_sync
+      fetched = jax.device_get([device for _, device, _ in pending])
+      now = time.time()
+      elapsed = (now - t_sync) / len(pending)   # the steps ran back to back since the last sync
+      records, pending, t_sync = list(zip(pending, fetched)), [], now
+      for i, ((step, _, host), device) in enumerate(records):
+        scalars = {k: v for k, v in device.items()
+                   if host['with_shares'] or not k.startswith(('grad_norm/', 'grad_share/'))}
+        scalars.update({'data/skipped': host['skipped'], 'step_time': elapsed,
+                        'images_per_s': config.data.batch_size / max(elapsed, 1e-9)})
+        if scalars['nonfinite_run'] >= config.max_consecutive_nonfinite:
+          writer.write(step, scalars)
+          raise NonFiniteError(
+              f'{int(scalars["nonfinite_run"])} consecutive non-finite losses or gradients '
+              f'at step {step} (config.max_consecutive_nonfinite='
+              f'{config.max_consecutive_nonfinite}); the last good checkpoint in '
+              f'{ckpt.directory} is intact. Lower config.optim.lr or check the data.')
+        if i < len(records) - 1:
+          writer.write(step, scalars)
+      return scalars
+
     try:
       with _Preemption() as preemption:
-        step, t_prev = start, time.time()
+        step, t_sync = start, time.time()
         while step < config.total_steps:
           local = next(data_iter)
           batch = sharding.host_to_global({'image': local['image']}, mesh,
                                           config.sharding.rules)
-          log_step = (step + 1) % config.log_every == 0
           every = config.grad_share_every
           with_shares = bool(every and (step + 1) % every == 0)
+          # Dispatched asynchronously: the next batch is read while the devices compute.
           state, scalars = step_fn(state, run.frozen, teacher_params, batch['image'],
                                    with_shares)
           step += 1
-          scalars = {k: v for k, v in jax.device_get(scalars).items()
-                     if with_shares or not k.startswith(('grad_norm/', 'grad_share/'))}
-          scalars['data/skipped'] = local.get('skipped', 0)   # bad records, this process
-          now = time.time()
-          scalars['step_time'] = now - t_prev
-          scalars['images_per_s'] = config.data.batch_size / max(now - t_prev, 1e-9)
-          t_prev = now
-          if scalars['nonfinite_run'] >= config.max_consecutive_nonfinite:
-            writer.write(step, scalars)
-            raise NonFiniteError(
-                f'{int(scalars["nonfinite_run"])} consecutive non-finite losses or gradients '
-                f'at step {step} (config.max_consecutive_nonfinite='
-                f'{config.max_consecutive_nonfinite}); the last good checkpoint in '
-                f'{ckpt.directory} is intact. Lower config.optim.lr or check the data.')
+          # 'skipped': bad records dropped for this batch, this process.
+          pending.append((step, scalars, {'with_shares': with_shares,
+                                          'skipped': local.get('skipped', 0)}))
+          due = {n: e for n, e in evaluators.items() if evals.is_due(e, step, config.total_steps)}
+          log_step = step % config.log_every == 0
+          stop = preemption.requested or ckpt.reached_preemption(step)
+          if not (log_step or due or stop or ckpt.is_due(step) or step == config.total_steps):
+            continue
+          scalars = drain()  # the host waits for the devices only here
           if scalars['nonfinite_run'] == 0:   # async: evaluation below overlaps the write
             ckpt.save(step, state, data_iter, config_dict, force=step == config.total_steps)
-          due = {n: e for n, e in evaluators.items() if evals.is_due(e, step, config.total_steps)}
           results = evaluate(due, inference.from_run(run, state)) if due else {}
           for name, result in results.items():
             scalars.update(evals.scalars(name, result))
-          writer.write(step, scalars)
-          if lead:
-            for name, result in results.items():
+            if lead:
               evals.write(workdir, name, evaluators[name], result)
-          last = scalars
+          writer.write(step, scalars)
+          last, t_sync = scalars, time.time()   # evaluation time is not step time
           progress.update(step, f'loss {scalars["loss"]:.4f}', log_step)
-          if preemption.requested or ckpt.reached_preemption(step):
+          if stop:
             ckpt.save(step, state, data_iter, config_dict, force=True)
             ckpt.wait()
             raise Preempted(f'preempted at step {step}; checkpoint written to {ckpt.directory}')

@@ -294,3 +294,67 @@ def test_a_step_with_gradient_shares_runs_the_teachers_once(monkeypatch):
   scalars = jax.device_get(scalars)
   assert abs(scalars['grad_share/dino'] + scalars['grad_share/vitb'] - 1) < 1e-5
   assert scalars['grad_norm/dino'] > 0 and scalars['grad_norm/vitb'] > 0
+
+
+def test_adapters_in_the_last_blocks_share_the_trunk_with_the_knowledge_base(monkeypatch):
+  """student.adapter_blocks=1: the frozen block below the adapter runs once per step for both the
+  student and the knowledge-base teacher; at step 0 the step equals the unshared one."""
+  from kivfm.models import vit
+  config = smoke(**{'student.adapter_blocks': 1})
+  run = build(config)
+  assert assembly.shares_trunk(config, run)
+  trainable = [k for k in flat(run.state.params) if k.startswith('student/')]
+  assert trainable and all(k.startswith('student/vit/blocks/1/adapter/') for k in trainable)
+  x = jnp.asarray(images())
+  with jax.set_mesh(run.mesh):
+    teacher = run.teacher_set.forward(run.teacher_set.params, x)['dino']
+    student = run.kpu().student(x)
+  for key in ('cls', 'patches'):   # step 0: the adapter is a no-op
+    np.testing.assert_allclose(student[key], teacher[key], atol=1e-5)
+
+  calls = []
+  block_call = vit.Block.__call__
+  monkeypatch.setattr(vit.Block, '__call__', lambda self, *a: calls.append(1) or block_call(
+      self, *a))
+
+  def trace_and_run():
+    calls.clear()
+    step = train.make_train_step(config, run)
+    with jax.set_mesh(run.mesh):
+      jax.make_jaxpr(step)(run.state, run.frozen, run.teacher_set.params, x)
+      return len(calls), jax.device_get(jax.jit(step)(
+          run.state, run.frozen, run.teacher_set.params, x)[1])
+
+  shared_calls, shared = trace_and_run()
+  monkeypatch.setattr(assembly, 'shares_trunk', lambda *_: False)
+  plain_calls, plain = trace_and_run()
+  # student 2 blocks + teacher dino 2 (1 when shared) + teacher vitb 2
+  assert (shared_calls, plain_calls) == (5, 6)
+  for key in ('loss', 'loss/dino', 'loss/vitb', 'grad_norm'):
+    np.testing.assert_allclose(shared[key], plain[key], rtol=1e-5)
+
+
+def test_adapter_blocks_out_of_range_is_a_config_error():
+  config = smoke(**{'student.adapter_blocks': 3})
+  with pytest.raises(config_lib.ConfigError, match='student.adapter_blocks=3 .* 2 blocks'):
+    config_lib.validate(config, 8)
+
+
+def test_bf16_teachers_keep_their_kernels_in_bf16_with_unchanged_outputs():
+  config = smoke()
+  for alias in config.teachers:
+    config.teachers[alias].dtype = 'bfloat16'
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    stored_fp32 = assembly.build_teachers(config, mesh)
+    stored_bf16 = assembly.kernels_in_compute_dtype(config, stored_fp32)
+    x = jnp.asarray(images())
+    for alias in config.teachers:
+      dtypes = {k: v.dtype for k, v in flat(stored_bf16.params[alias]).items()}
+      assert all(d == jnp.bfloat16 for k, d in dtypes.items() if k.endswith('kernel'))
+      assert any(d == jnp.float32 for k, d in dtypes.items() if k.endswith('scale'))
+    a = stored_fp32.forward(stored_fp32.params, x)
+    b = stored_bf16.forward(stored_bf16.params, x)
+    for path, value in flat(a).items():
+      np.testing.assert_array_equal(np.asarray(value, np.float32),
+                                    np.asarray(flat(b)[path], np.float32))

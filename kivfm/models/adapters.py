@@ -8,6 +8,13 @@ from flax import nnx
 from kivfm.models import layers
 
 
+def first_adapted(depth: int, blocks: int) -> int:
+  """Index of the first block with an adapter when the last `blocks` have one (0: all)."""
+  if not 0 <= blocks <= depth:
+    raise ValueError(f'adapter blocks {blocks} must be in [0, {depth}] (0: every block)')
+  return depth - blocks if blocks else 0
+
+
 class Bottleneck(nnx.Module):
   """Parallel bottleneck s * Up(GELU(Down(LN(h)))); Up starts at zero."""
 
@@ -23,12 +30,13 @@ class Bottleneck(nnx.Module):
 
 
 def attach(vit: nnx.Module, kind: str, *, dim: int = 64, scale: float = 1.0, rank: int = 8,
-           alpha: float = 16.0, dtype=jnp.float32, param_dtype=jnp.float32,
+           alpha: float = 16.0, blocks: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
            rngs: nnx.Rngs) -> None:
-  """Adds adapters to every block of `vit` in place: 'bottleneck', 'lora' or 'none'."""
+  """Adds adapters to the last `blocks` blocks of `vit` (0: every block) in place:
+  'bottleneck', 'lora' or 'none'."""
   if kind == 'none':
     return
-  for block in vit.blocks:
+  for block in vit.blocks[first_adapted(len(vit.blocks), blocks):]:
     if kind == 'bottleneck':
       block.adapter = nnx.data(Bottleneck(vit.cfg.width, dim, scale, dtype=dtype,
                                           param_dtype=param_dtype, rngs=rngs))

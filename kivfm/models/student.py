@@ -13,19 +13,35 @@ class Student(nnx.Module):
   """f(I) = {x, V}: uint8 NHWC views -> {'cls': [B, D], 'patches': [B, h, w, D]}.
 
   Preprocessing is the knowledge-base teacher's, so at step 0 (adapters are no-ops) the student
-  computes exactly what that teacher computes on the same view.
+  computes exactly what that teacher computes on the same view. With `adapter_blocks` = K > 0
+  only the last K blocks carry adapters and the blocks below them are the teacher's own: `trunk`
+  computes them, `from_trunk` the rest (training shares the trunk with that teacher).
   """
 
   def __init__(self, arch: ViTConfig, *, image_size: tuple[int, int], mean, std,
                adapter: str = 'bottleneck', adapter_dim: int = 64, adapter_scale: float = 1.0,
-               lora_rank: int = 8, lora_alpha: float = 16.0, remat: bool = False,
+               lora_rank: int = 8, lora_alpha: float = 16.0, adapter_blocks: int = 0,
+               remat: bool = False,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.vit = ViT(arch, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     adapters.attach(self.vit, adapter, dim=adapter_dim, scale=adapter_scale, rank=lora_rank,
-                    alpha=lora_alpha, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    alpha=lora_alpha, blocks=adapter_blocks, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+    self.first_adapted = adapters.first_adapted(arch.depth, adapter_blocks)
     self.image_size, self.mean, self.std, self.dtype = tuple(image_size), mean, std, dtype
 
   def __call__(self, images: jax.Array) -> dict:
+    return self.from_trunk(*self.trunk(images))
+
+  def trunk(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """Tokens after the blocks below the first adapter, and the patch grid."""
     x = layers.preprocess(images, self.image_size, self.mean, self.std, self.dtype)
-    out = self.vit(x)
+    tokens, grid = self.vit.tokens(x)
+    tokens, _ = self.vit.run_blocks(tokens, grid, 0, stop=self.first_adapted)
+    return tokens, grid
+
+  def from_trunk(self, tokens: jax.Array, grid: tuple[int, int]) -> dict:
+    """f(I) from `trunk`'s output: the adapted blocks and the final norm."""
+    tokens, _ = self.vit.run_blocks(tokens, grid, self.first_adapted)
+    out = self.vit.outputs(tokens, grid)
     return {'cls': out['cls'], 'patches': out['patches']}

@@ -363,18 +363,34 @@ class ViT(nnx.Module):
     return x, (h, w)
 
   def __call__(self, images: jax.Array, return_layers: tuple[int, ...] = ()) -> dict:
-    cfg = self.cfg
-    x, (h, w) = self.embed(images)
+    x, grid = self.tokens(images)
+    x, hidden = self.run_blocks(x, grid, 0, return_layers)
+    return self.outputs(x, grid, hidden)
+
+  def tokens(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+    """The input of the first block: ([B, N, D] tokens, (h, w) patch grid)."""
+    x, grid = self.embed(images)
     if self.pre_norm is not None:
       x = self.pre_norm(x)
+    return x, grid
+
+  def run_blocks(self, x: jax.Array, grid: tuple[int, int], start: int = 0,
+                 return_layers: tuple[int, ...] = (), stop: int | None = None):
+    """Blocks start..stop-1 on tokens `x` -> (tokens, hidden states listed in `return_layers`)."""
     hidden = []
-    for i, block in enumerate(self.blocks):
+    for i in range(start, len(self.blocks) if stop is None else stop):
+      block = self.blocks[i]
       if self.remat:
-        x = nnx.remat(lambda blk, t: blk(t, (h, w)))(block, x)
+        x = nnx.remat(lambda blk, t: blk(t, grid))(block, x)
       else:
-        x = block(x, (h, w))
+        x = block(x, grid)
       if i in return_layers:
         hidden.append(x)
+    return x, tuple(hidden)
+
+  def outputs(self, x: jax.Array, grid: tuple[int, int], hidden: tuple = ()) -> dict:
+    """The output contract (module docstring) from the last block's tokens."""
+    cfg = self.cfg
     if self.norm is not None:
       x = self.norm(x)
     patches = x[:, int(cfg.class_token) + cfg.num_registers:]
@@ -384,7 +400,7 @@ class ViT(nnx.Module):
       cls = x[:, 0] if cfg.class_token else patches.mean(axis=1)
     if self.cls_norm is not None:
       cls = self.cls_norm(cls)
-    out = {'cls': cls, 'patches': patches.reshape(x.shape[0], h, w, -1), 'hidden': tuple(hidden)}
+    out = {'cls': cls, 'patches': patches.reshape(x.shape[0], *grid, -1), 'hidden': hidden}
     if self.proj is not None:
       out['embedding'] = self.proj(cls)
     elif self.map_head is not None:

@@ -67,7 +67,16 @@ class Teacher(nnx.Module):
     return layers.preprocess(images, self.image_size, self.spec.mean, self.spec.std, self.dtype)
 
   def __call__(self, images: jax.Array) -> dict:
-    out = dict(self.model(self.preprocess(images)))
+    return self._with_heads(self.model(self.preprocess(images)))
+
+  def from_tokens(self, tokens: jax.Array, grid: tuple[int, int], start: int) -> dict:
+    """`__call__` from the tokens entering ViT block `start`, e.g. a trunk the student computed
+    with this teacher's weights on the same preprocessed view."""
+    x, hidden = self.model.run_blocks(tokens, grid, start)
+    return self._with_heads(self.model.outputs(x, grid, hidden))
+
+  def _with_heads(self, out: dict) -> dict:
+    out = dict(out)
     out.update({k: v for k, v in self.native_heads(out).items() if k not in out})
     return out
 
