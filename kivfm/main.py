@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from kivfm import config as config_lib
+from kivfm.errors import DataUnavailableError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)); '
                                           'path[:arg], e.g. configs/base.py:smoke.',
@@ -36,6 +37,8 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except config_lib.ConfigError as e:
     sys.exit(f'config error: {e}')
+  except DataUnavailableError as e:
+    sys.exit(f'data unavailable: {e}')
   except train.NonFiniteError as e:
     sys.exit(f'stopped: {e}')
   except train.Preempted as e:

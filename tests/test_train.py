@@ -358,3 +358,26 @@ def test_bf16_teachers_keep_their_kernels_in_bf16_with_unchanged_outputs():
     for path, value in flat(a).items():
       np.testing.assert_array_equal(np.asarray(value, np.float32),
                                     np.asarray(flat(b)[path], np.float32))
+
+
+def test_training_from_a_teacher_cache_resumes_exactly(tmp_path):
+  """Cached-teacher training: the loop reads targets from the cache, and a run restarted from
+  its step-4 checkpoint ends where the uninterrupted run ends."""
+  import shutil
+  from kivfm import cache
+  config = smoke(total_steps=8, checkpoint_every=4, **{'data.num_examples': 16,
+                                                       'cache.views': 2, 'cache.batch_size': 8})
+  cache.build(config, str(tmp_path / 'cache'))
+  config.teacher_cache = str(tmp_path / 'cache' / 'teacher_cache')
+  train.train_and_evaluate(config, str(tmp_path / 'a'))
+  (tmp_path / 'b' / 'checkpoints').mkdir(parents=True)
+  shutil.copytree(tmp_path / 'a' / 'checkpoints' / '4', tmp_path / 'b' / 'checkpoints' / '4')
+  train.train_and_evaluate(config, str(tmp_path / 'b'))
+  (pa, oa), (pb, ob) = final_params(tmp_path / 'a', 8), final_params(tmp_path / 'b', 8)
+  for path in pa:
+    np.testing.assert_array_equal(pb[path], pa[path], err_msg=path)
+  for path in oa:
+    np.testing.assert_array_equal(ob[path], oa[path], err_msg=path)
+  records = metrics.read_jsonl(tmp_path / 'a' / 'metrics.jsonl')
+  assert [r['step'] for r in records] == list(range(1, 9))
+  assert all(np.isfinite(r['loss']) for r in records)

@@ -106,12 +106,17 @@ def make_dataset(parts, data, process_index: int = 0, process_count: int = 1) ->
       datasets, [weight for _, weight, _ in parts])
   ds = ds.random_map(_View(data.image_size, data.crop_scale),
                      seed=_seed(data.shuffle_seed, len(parts), process_index))
-  batches = FullBatches(ds.to_iter_dataset(), data.batch_size // process_count)
-  if data.worker_count > 0:
-    if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run (tests)
-      flags.FLAGS.mark_as_parsed()
-    batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
-  return batches
+  return with_workers(FullBatches(ds.to_iter_dataset(), data.batch_size // process_count),
+                      data.worker_count)
+
+
+def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
+  """`batches` assembled by `worker_count` grain worker processes (0: in this process)."""
+  if worker_count <= 0:
+    return batches
+  if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run (tests)
+    flags.FLAGS.mark_as_parsed()
+  return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
 
 
 def make_iterator(config, process_index: int, process_count: int):

@@ -1,4 +1,7 @@
-"""Per-example augmentation: ONE random-resized crop + horizontal flip, uint8 in and out."""
+"""Per-example augmentation: ONE random-resized crop + horizontal flip, uint8 in and out.
+
+`crop_and_flip` = `sample_view` (the random box and flip) + `apply_view` (the pixels), so a view
+recorded as (box, flip), e.g. in a teacher-target cache (`kivfm.cache`), is rebuilt exactly."""
 from __future__ import annotations
 
 import math
@@ -29,12 +32,27 @@ def random_resized_crop_box(height: int, width: int, rng: np.random.Generator,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
+def sample_view(height: int, width: int, rng: np.random.Generator, scale=(0.35, 1.0)
+                ) -> tuple[tuple[int, int, int, int], bool]:
+  """The random choices of one view of an [height, width] image: (crop box (top, left, h, w),
+  horizontal flip). Draws from `rng` in the order `crop_and_flip` always has."""
+  box = random_resized_crop_box(height, width, rng, scale)
+  return box, bool(rng.random() < 0.5)
+
+
+def apply_view(image: np.ndarray, size: int, box, flip: bool) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [size, size, 3]: crop `box` = (top, left, h, w), resize
+  (bilinear), flip horizontally if `flip`. Deterministic: a recorded view rebuilds exactly."""
+  top, left, h, w = (int(v) for v in box)
+  crop = Image.fromarray(image[top:top + h, left:left + w])
+  out = np.asarray(crop.resize((size, size), Image.BILINEAR, reducing_gap=None))
+  if flip:
+    out = out[:, ::-1]
+  return np.ascontiguousarray(out)
+
+
 def crop_and_flip(image: np.ndarray, size: int, rng: np.random.Generator,
                   scale=(0.35, 1.0)) -> np.ndarray:
   """uint8 [H, W, 3] -> uint8 [size, size, 3]: random-resized crop (bilinear) + random flip."""
-  top, left, h, w = random_resized_crop_box(*image.shape[:2], rng, scale)
-  crop = Image.fromarray(image[top:top + h, left:left + w])
-  out = np.asarray(crop.resize((size, size), Image.BILINEAR, reducing_gap=None))
-  if rng.random() < 0.5:
-    out = out[:, ::-1]
-  return np.ascontiguousarray(out)
+  box, flip = sample_view(*image.shape[:2], rng, scale)
+  return apply_view(image, size, box, flip)
