@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kivfm import (assembly, checkpointing, config as config_lib, evals, inference, losses,
                    metrics, optim, sharding)
 from kivfm import stats as stats_lib
-from kivfm.data import pipeline
+from kivfm.data import cached, pipeline
 from kivfm.models import normalizers
 
 
@@ -191,8 +191,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding.log_mesh(mesh)
   with jax.set_mesh(mesh):
     run = assembly.build_run(config, mesh, stats_lib.stats_dir(config, workdir))
-    step_fn = jit_train_step(config, run)
-    data_iter = pipeline.make_iterator(config, jax.process_index(), jax.process_count())
+    # With a teacher-target cache the batches carry the teachers' targets for their views.
+    cached_targets = bool(config.teacher_cache)
+    step_fn = jit_train_step(config, run, cached=cached_targets)
+    data = cached if cached_targets else pipeline
+    data_iter = data.make_iterator(config, jax.process_index(), jax.process_count())
     ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                       every=config.checkpoint_every)
     state = run.state
@@ -241,13 +244,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step, t_sync = start, time.time()
         while step < config.total_steps:
           local = next(data_iter)
-          batch = sharding.host_to_global({'image': local['image']}, mesh,
-                                          config.sharding.rules)
+          arrays = {key: local[key] for key in ('image', 'targets') if key in local}
+          batch = sharding.host_to_global(arrays, mesh, config.sharding.rules)
           every = config.grad_share_every
           with_shares = bool(every and (step + 1) % every == 0)
           # Dispatched asynchronously: the next batch is read while the devices compute.
-          state, scalars = step_fn(state, run.frozen, teacher_params, batch['image'],
-                                   with_shares)
+          teachers = batch['targets'] if cached_targets else teacher_params
+          state, scalars = step_fn(state, run.frozen, teachers, batch['image'], with_shares)
           step += 1
           # 'skipped': bad records dropped for this batch, this process.
           pending.append((step, scalars, {'with_shares': with_shares,
