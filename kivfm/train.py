@@ -89,7 +89,7 @@ def make_train_step(config, run: assembly.Run, cached: bool = False):
       rows = (jnp.zeros(len(aliases), loss.dtype), jnp.eye(len(aliases), dtype=per_teacher.dtype))
       _, per_row = jax.vmap(heads_backward)(rows)
       return jnp.stack([optax.global_norm(jax.tree.map(lambda g: g[i], per_row))
-                        for i in range(len(aliases))])
+                        for i in range(len(aliases))]).astype(jnp.float32)
 
     # One program for every step; the extra (heads-only) backward runs when `with_shares` is set.
     norms = jax.lax.cond(with_shares, teacher_feature_grad_norms, lambda: jnp.zeros(len(aliases)))

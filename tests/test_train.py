@@ -381,3 +381,15 @@ def test_training_from_a_teacher_cache_resumes_exactly(tmp_path):
   records = metrics.read_jsonl(tmp_path / 'a' / 'metrics.jsonl')
   assert [r['step'] for r in records] == list(range(1, 9))
   assert all(np.isfinite(r['loss']) for r in records)
+
+
+def test_bf16_step_with_gradient_shares():
+  config = smoke(dtype='bfloat16')
+  for alias in config.teachers:
+    config.teachers[alias].dtype = 'bfloat16'
+  run = build(config)
+  with jax.set_mesh(run.mesh):
+    x = sharding.host_to_global({'image': images()}, run.mesh, config.sharding.rules)['image']
+    _, scalars = run.step_fn(run.state, run.frozen, run.teacher_set.params, x, True)
+  shares = [float(v) for k, v in scalars.items() if k.startswith('grad_share/')]
+  assert np.isfinite(float(scalars['loss'])) and sum(shares) == pytest.approx(1.0, abs=1e-3)
