@@ -300,24 +300,28 @@ def build(config, workdir: str, process_index: int | None = None,
 # Entry point.
 # --------------------------------------------------------------------------------------------
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, as for kivfm.main.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory; the cache goes to '
-                               'DIR/teacher_cache unless config.teacher_cache is set.')
+def _define_flags() -> None:
+  """The command's flags, defined only when it runs: importing this module (tests, training)
+  must not claim --config / --workdir, which kivfm.main and kivfm.compute_stats define too."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, as for kivfm.main.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Run directory; the cache goes to DIR/teacher_cache '
+                      'unless config.teacher_cache is set.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
-  config = _CONFIG.value
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   try:
     sharding.maybe_initialize_distributed(config)
     config_lib.validate(config, jax.device_count(), jax.process_count())
-    manifest = build(config, _WORKDIR.value)
+    manifest = build(config, workdir)
   except config_lib.ConfigError as e:
     sys.exit(f'config error: {e}')
   if jax.process_index() == 0:
-    directory = cache_dir(config, _WORKDIR.value)
+    directory = cache_dir(config, workdir)
     print(f'teacher cache: {manifest["records"]} records ({manifest["skipped_examples"]} bad '
           f'examples skipped), {manifest["bytes"] / 1e6:.1f} MB = '
           f'{manifest["bytes"] / manifest["float32_bytes"]:.3f} of the float32 targets\n'
@@ -325,5 +329,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
+  _define_flags()
   app.run(main)
