@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from transformers import Dinov2Config
 
 from benchmarks import torch_peer
@@ -106,20 +105,10 @@ class KivfmStep:
 
   def cost(self) -> dict:
     """XLA's view of the compiled step: {'flops': its FLOP count, 'temp_bytes': the temporary
-    buffers it plans}. `jit_train_step` hides its jitted function, so the same step is jitted
-    here with the same shardings; with JAX's persistent compilation cache on, its compilation is
-    a cache hit of the timed program's."""
-    run, config = self.run, self.config
-    batch = lambda ndim: sharding.batch_sharding(run.mesh, config.sharding.rules, ndim)
-    teachers = jax.tree.map(lambda x: x.sharding, self.teachers)
-    replicated = NamedSharding(run.mesh, P())
-    jitted = jax.jit(train.make_train_step(config, run, self.cached),
-                     in_shardings=(run.state_shardings, run.frozen_shardings, teachers, batch(4),
-                                   replicated),
-                     out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
+    buffers it plans}."""
     with jax.set_mesh(self.mesh):
-      compiled = jitted.lower(self.state, run.frozen, self.teachers, self.images,
-                              False).compile()
+      compiled = self.step.lower(self.state, self.run.frozen, self.teachers, self.images,
+                                 False).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # a list in older jaxlibs
     return {'flops': float(cost['flops']),

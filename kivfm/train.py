@@ -130,9 +130,12 @@ def jit_train_step(config, run: assembly.Run, cached: bool = False):
       in_shardings=(run.state_shardings, run.frozen_shardings, teacher_shardings,
                     images_sharding, replicated),
       out_shardings=(run.state_shardings, replicated), donate_argnums=(0,))
-  # jit with in_shardings takes no defaults: `with_shares` is optional here.
-  return lambda state, frozen, teachers, images, with_shares=False: jitted(
-      state, frozen, teachers, images, with_shares)
+  # jit with in_shardings takes no defaults: `with_shares` is optional here. `step.lower`
+  # gives the compiled program (XLA cost and memory analysis) without a second jit.
+  def step(state, frozen, teachers, images, with_shares=False):
+    return jitted(state, frozen, teachers, images, with_shares)
+  step.lower = jitted.lower
+  return step
 
 
 # --------------------------------------------------------------------------------------------
