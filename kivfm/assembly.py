@@ -5,7 +5,6 @@ shardings. Used by training, inference and `compute_stats`; knows nothing of the
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import flax
@@ -181,7 +180,7 @@ def load_fixed_stats(config, teacher_set: TeacherSet, stats: dict, stats_dir: st
     width = teacher_set.shapes[alias][0]
     for kind in ('cls', 'patches'):
       path = stats_path(stats_dir, alias, kind)
-      if not os.path.exists(path):
+      if not path.exists():
         raise ConfigError(
             f'config.unifier.normalizer={config.unifier.normalizer!r} needs teacher statistics; '
             f'{path} is missing. Compute them first: python -m kivfm.compute_stats '

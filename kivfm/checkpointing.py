@@ -5,18 +5,18 @@ sources. Saves are async and atomic (orbax commits a step only when it is comple
 """
 from __future__ import annotations
 
-import os
-
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from kivfm import paths
 
 
 class Checkpointer:
   """DIR/checkpoints/<step>/{state, data, config}; keeps the last `keep` steps."""
 
   def __init__(self, workdir: str, *, keep: int, every: int):
-    self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+    self.directory = paths.path(workdir) / 'checkpoints'
     self.every = every
     self.manager = ocp.CheckpointManager(
         self.directory,

@@ -8,7 +8,6 @@ the same DIR (or `--config.unifier.stats_dir`) reads. Patch maps are subsampled 
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
@@ -49,7 +48,7 @@ def compute(config, workdir: str, batches: int, tokens_per_image: int) -> dict:
         stats[alias]['patches'].update(np.take_along_axis(tokens, picks[..., None], axis=1))
   directory = stats_dir(config, workdir)
   if jax.process_index() == 0:
-    os.makedirs(directory, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     for alias, kinds in stats.items():
       for kind, s in kinds.items():
         s.save(stats_path(directory, alias, kind))

@@ -71,6 +71,7 @@ def defaults() -> ConfigDict:
       coordinator_address='',         # empty: let JAX detect (TPU pods, SLURM)
       num_processes=0,                # 0: detect
       process_id=-1,                  # -1: detect
+      local_device_ids=(),            # (): detect; GPUs: the ones this process drives
       cpu_collectives='gloo',         # CPU multi-process collectives
   ))
   c.mesh = ConfigDict(dict(shape=(-1, 1, 1), axes=MESH_AXES))

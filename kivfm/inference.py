@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 from flax import nnx
 
-from kivfm import assembly, checkpointing, config as config_lib, sharding
+from kivfm import assembly, checkpointing, config as config_lib, paths, sharding
 
 
 # Module-level jitted functions: every Inherited of the same structure (e.g. a student
@@ -68,8 +67,7 @@ def from_run(run: assembly.Run, state: assembly.TrainState) -> Inherited:
 def load(workdir: str, step: int | None = None) -> Inherited:
   """The student trained in `workdir` (its config.json and checkpoint `step`, default latest);
   teachers are rebuilt from their own weight sources."""
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = config_lib.from_dict(json.load(f))
+  config = config_lib.from_dict(json.loads((paths.path(workdir) / 'config.json').read_text()))
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):

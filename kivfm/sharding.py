@@ -27,6 +27,8 @@ def maybe_initialize_distributed(config) -> None:
     kwargs['num_processes'] = d.num_processes
   if d.process_id >= 0:
     kwargs['process_id'] = d.process_id
+  if d.local_device_ids:
+    kwargs['local_device_ids'] = list(d.local_device_ids)
   jax.distributed.initialize(**kwargs)
 
 

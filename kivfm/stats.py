@@ -8,9 +8,13 @@ gives exactly unit variance on the data they came from.
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
+from etils import epath
+
+from kivfm import paths
 
 _KEYS = ('count', 'mean', 'm2')
 
@@ -90,15 +94,14 @@ class FeatureStats:
   def save(self, path: str | os.PathLike) -> None:
     """Writes an .npz at exactly `path` (atomically: temp file, then rename)."""
     self._require_data()
-    tmp = f'{os.fspath(path)}.tmp'
-    with open(tmp, 'wb') as f:
-      np.savez(f, count=np.int64(self.count), mean=self._mean, m2=self._m2)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, count=np.int64(self.count), mean=self._mean, m2=self._m2)
+    paths.write_bytes_atomic(paths.path(path), buffer.getvalue())
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> FeatureStats:
     """Reads a file written by `save`."""
-    data = np.load(path, allow_pickle=False)
+    data = np.load(io.BytesIO(paths.path(path).read_bytes()), allow_pickle=False)
     if not isinstance(data, np.lib.npyio.NpzFile):
       raise ValueError(f'feature statistics file {os.fspath(path)!r} is not an .npz archive')
     with data:
@@ -119,11 +122,11 @@ class FeatureStats:
     return f'FeatureStats(channels={self.channels}, count={self.count})'
 
 
-def stats_dir(config, workdir: str) -> str:
+def stats_dir(config, workdir: str) -> epath.Path:
   """Where a run keeps its teacher statistics (`config.unifier.stats_dir` or DIR/teacher_stats)."""
-  return config.unifier.stats_dir or os.path.join(workdir, 'teacher_stats')
+  return paths.path(config.unifier.stats_dir or paths.path(workdir) / 'teacher_stats')
 
 
-def stats_path(directory: str, alias: str, kind: str) -> str:
+def stats_path(directory, alias: str, kind: str) -> epath.Path:
   """File of teacher `alias`'s statistics of `kind` ('cls' or 'patches')."""
-  return os.path.join(directory, f'{alias}_{kind}.npz')
+  return paths.path(directory) / f'{alias}_{kind}.npz'

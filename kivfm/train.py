@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import time
 
@@ -22,7 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kivfm import (assembly, checkpointing, config as config_lib, evals, inference, losses,
-                   metrics, optim, sharding)
+                   metrics, optim, paths, sharding)
 from kivfm import stats as stats_lib
 from kivfm.data import cached, pipeline
 from kivfm.models import normalizers
@@ -184,11 +183,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding.maybe_initialize_distributed(config)
   config_lib.validate(config, jax.device_count(), jax.process_count())
   lead = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  run_dir = paths.path(workdir)
   config_dict = json.loads(config.to_json())
   if lead:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config_dict, f, indent=2)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths.write_text_atomic(run_dir / 'config.json', json.dumps(config_dict, indent=2))
 
   mesh = sharding.make_mesh(config)
   sharding.log_mesh(mesh)
@@ -267,6 +266,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           if scalars['nonfinite_run'] == 0:   # async: evaluation below overlaps the write
             ckpt.save(step, state, data_iter, config_dict, force=step == config.total_steps)
           results = evaluate(due, inference.from_run(run, state)) if due else {}
+          if results:
+            writer.flush()   # evaluators may read metrics.jsonl (e.g. to plot curves)
           for name, result in results.items():
             scalars.update(evals.scalars(name, result))
             if lead:

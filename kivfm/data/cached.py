@@ -386,6 +386,17 @@ def make_dataset(config, directory: str, manifest: dict, parts, process_index: i
   return pipeline.with_workers(batches, data.worker_count)
 
 
+def local_cache_dir(directory: str) -> str:
+  """`directory` made absolute; array_record reads and writes local files only, so an object
+  store is an error that says how to make it local."""
+  if '://' in directory:
+    raise ConfigError(
+        f'config.teacher_cache={directory!r}: the cache\'s array_record shards are read and '
+        f'written as local files; copy it to local disk (gsutil -m cp -r) or mount the bucket '
+        f'(gcsfuse) and point config.teacher_cache at that directory')
+  return os.path.abspath(os.path.expanduser(directory))
+
+
 def make_iterator(config, process_index: int, process_count: int):
   """A checkpointable grain iterator (get_state / set_state) over the cache at
   config.teacher_cache, after `check_manifest`. Batches: {'image': uint8 [B_local, S, S, 3]
@@ -394,10 +405,10 @@ def make_iterator(config, process_index: int, process_count: int):
   [B_local], 'skipped': int}. All N*K records, sharded per process, shuffled per epoch with
   data.shuffle_seed, repeated; an example that became bad is skipped and counted
   (`pipeline.FullBatches`)."""
-  directory = config.teacher_cache
-  if not directory:
+  if not config.teacher_cache:
     raise ConfigError("config.teacher_cache is empty; set it to a cache directory built by "
                       "python -m kivfm.cache")
+  directory = local_cache_dir(config.teacher_cache)
   parts = open_parts(config.data)
   manifest = _check(config, directory, parts)
   return iter(make_dataset(config, directory, manifest, parts, process_index, process_count))

@@ -14,9 +14,9 @@ An evaluator is a class in `EVALUATORS` with
 from __future__ import annotations
 
 import json
-import os
 
 
+from kivfm import paths
 from kivfm.errors import ConfigError
 from kivfm.evals.report import InheritanceReport
 
@@ -63,8 +63,7 @@ def scalars(name: str, results: dict, prefix: str = '') -> dict:
 
 def write(workdir: str, name: str, evaluator, results: dict) -> None:
   """DIR/eval/<name>.json, then the evaluator's own files."""
-  directory = os.path.join(workdir, 'eval')
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, f'{name}.json'), 'w') as f:
-    json.dump(results, f, indent=2)
+  directory = paths.path(workdir) / 'eval'
+  directory.mkdir(parents=True, exist_ok=True)
+  paths.write_text_atomic(directory / f'{name}.json', json.dumps(results, indent=2))
   evaluator.write(results, workdir)

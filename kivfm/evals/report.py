@@ -11,13 +11,13 @@ scikit-image / scikit-learn), never on the distillation stream:
 """
 from __future__ import annotations
 
-import os
+import io
 
 import jax
 import numpy as np
 from PIL import Image
 
-from kivfm import metrics
+from kivfm import metrics, paths
 from kivfm.data import offline
 from kivfm.evals import agreement, fidelity, knn, linear_probe, segmentation
 
@@ -134,8 +134,8 @@ class InheritanceReport:
     return evaluate(self.options, student, self.images, self.head_images(), self.before)
 
   def write(self, results: dict, workdir: str) -> None:
-    directory = os.path.join(workdir, 'eval')
-    plot_curves(os.path.join(workdir, 'metrics.jsonl'), os.path.join(directory, 'curves.png'))
+    directory = paths.path(workdir) / 'eval'
+    plot_curves(paths.path(workdir) / 'metrics.jsonl', directory / 'curves.png')
     print(table(results), f'\n(report and curves in {directory})', flush=True)
 
 
@@ -153,7 +153,13 @@ def table(report: dict) -> str:
   return '\n'.join(lines)
 
 
-def plot_curves(metrics_path: str, out_path: str) -> None:
+def png_bytes(fig) -> bytes:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100)
+  return buffer.getvalue()
+
+
+def plot_curves(metrics_path, out_path) -> None:
   """Loss, per-teacher loss and fidelity over steps -> PNG."""
   import matplotlib
   matplotlib.use('Agg')
@@ -172,5 +178,5 @@ def plot_curves(metrics_path: str, out_path: str) -> None:
   for ax in axes[1:]:
     ax.legend()
   fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
+  paths.path(out_path).write_bytes(png_bytes(fig))
   plt.close(fig)
