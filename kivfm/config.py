@@ -85,7 +85,8 @@ def defaults() -> ConfigDict:
       batch_size=64,                  # global batch
       shuffle_seed=0,
       crop_scale=(0.35, 1.0),         # random-resized-crop area range
-      worker_count=0,                 # grain worker processes (0: in the main process)
+      worker_count=-1,                # grain worker processes per host (0: the main process;
+                                      # -1: pipeline.auto_workers() from the host's cores)
       tfds_name='imagenet2012',       # tfds: a TFDS dataset prepared as array_record
       tfds_split='train',             # tfds and fashion_mnist: split ('train[:10%]' works)
       tfds_data_dir='',               # TFDS data dir of tfds and the offline builder ('': default)

@@ -84,3 +84,13 @@ def test_peer_computes_kivfm_step_from_the_same_weights():
     for key in ('loss', 'grad_norm', 'loss/dino', 'loss/effnet', 'preservation', 'lr'):
       tol = 1e-4 * max(1.0, abs(float(want[key])))
       assert abs(float(got[key]) - float(want[key])) < tol, (i, key, got[key], want[key])
+
+
+def test_input_benchmark_times_the_folder_pipeline_per_worker_count(tmp_path):
+  from benchmarks import input as input_benchmark
+  result = input_benchmark.main(['--images=12', '--batch-size=4', '--batches=2', '--workers=0,1',
+                                 '--image-size=32', f'--out={tmp_path}'])
+  assert [row['workers'] for row in result['rows']] == [0, 1]
+  assert all(np.isfinite(row['images_per_s']) and row['images_per_s'] > 0
+             for row in result['rows'])
+  assert json.loads((tmp_path / 'input_benchmark.json').read_text()) == result

@@ -297,3 +297,13 @@ def test_worker_processes_resume_exactly_with_bad_records(folder, tmp_path):
   assert sum(b['skipped'] for b in expected) > 0
   iterator.close()
   resumed.close()
+
+
+def test_auto_workers_follow_the_host_cores():
+  assert [pipeline.auto_workers(c) for c in (1, 2, 4, 8, 96, 240)] == [0, 0, 0, 4, 32, 32]
+
+
+def test_worker_count_below_auto_is_a_config_error(tmp_path):
+  config = data_config(str(tmp_path), worker_count=-2)
+  with pytest.raises(config_lib.ConfigError, match="data.worker_count=-2"):
+    sources.validate(config.data)

@@ -12,9 +12,12 @@ host int, not an array: take it out of the batch before placing the batch on the
 Determinism: every random choice (shuffle per epoch, crop, flip) is seeded by data.shuffle_seed
 and the element index, so the same config, process and data.worker_count give the same batches,
 bad records included. The iterator state (`get_state` / `set_state`, saved in the orbax
-checkpoint) resumes with exactly the next batch. Changing data.worker_count changes the order.
+checkpoint) resumes with exactly the next batch. Changing data.worker_count (or, with -1, the
+host's core count) changes the order.
 """
 from __future__ import annotations
+
+import os
 
 import grain
 import numpy as np
@@ -110,9 +113,20 @@ def make_dataset(parts, data, process_index: int = 0, process_count: int = 1) ->
                       data.worker_count)
 
 
+def auto_workers(cores: int | None = None) -> int:
+  """Decoding workers for a host with `cores` usable cores (default: this one's): none on a
+  small machine, whose few cores the training process needs; else half the cores, at most 32
+  (the other half runs the training process's dispatch, transfers and input assembly)."""
+  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+  return 0 if cores <= 4 else min(cores // 2, 32)
+
+
 def with_workers(batches: grain.IterDataset, worker_count: int) -> grain.IterDataset:
-  """`batches` assembled by `worker_count` grain worker processes (0: in this process)."""
-  if worker_count <= 0:
+  """`batches` assembled by `worker_count` grain worker processes (0: in this process; -1:
+  `auto_workers()`, so the batch order depends on the host's core count)."""
+  if worker_count < 0:
+    worker_count = auto_workers()
+  if worker_count == 0:
     return batches
   if not flags.FLAGS.is_parsed():  # grain reads its absl flags; outside absl.app.run (tests)
     flags.FLAGS.mark_as_parsed()

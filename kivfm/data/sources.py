@@ -81,9 +81,11 @@ def validate(data) -> None:
       if len(entry) != 2 or not isinstance(entry[1], (int, float)) or entry[1] <= 0:
         raise ConfigError(f'config.data.mixture entry {entry!r} must be (spec, weight > 0)')
       parse_spec(entry[0])
-  for key in ('max_examples', 'worker_count'):
-    if data[key] < 0:
-      raise ConfigError(f'config.data.{key}={data[key]} must be >= 0')
+  if data.max_examples < 0:
+    raise ConfigError(f'config.data.max_examples={data.max_examples} must be >= 0')
+  if data.worker_count < -1:
+    raise ConfigError(f'config.data.worker_count={data.worker_count} must be >= 0, or -1 (as '
+                      f'many as the host has cores for)')
 
 
 # --------------------------------------------------------------------------------------------
