@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import os
 import pickle
 import struct
@@ -453,6 +454,7 @@ def test_hub_source_offline_with_empty_cache(tmp_path):
 
 
 def test_hub_source_found_in_cache_layout(tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
   from huggingface_hub import constants
   monkeypatch.setattr(constants, 'HF_HUB_OFFLINE', True)
   monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
@@ -470,6 +472,7 @@ def test_hub_source_found_in_cache_layout(tmp_path, monkeypatch):
 
 
 def test_hub_download_is_called_with_repo_file_and_revision(tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
   import huggingface_hub
   from huggingface_hub.errors import LocalEntryNotFoundError
   (tmp_path / 'w.bin').write_bytes(b'x')
@@ -486,6 +489,34 @@ def test_hub_download_is_called_with_repo_file_and_revision(tmp_path, monkeypatc
   with pytest.raises(MissingWeightFileError, match='connection failed'):
     WeightSource.from_hf('org/m', 'missing.bin').resolve()
   assert calls == [('org/m', 'w.bin', 'v1'), ('org/m', 'missing.bin', None)]
+
+
+def test_an_unpinned_hub_file_is_pinned_on_first_use_and_checked_after(tmp_path, monkeypatch):
+  import huggingface_hub
+  from kivfm.weights import sources
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
+  commits = {'main': 'a' * 40, 'b' * 40: 'b' * 40}   # the Hub's main moves on after the pin
+  calls = []
+
+  def fake_download(repo_id, filename, revision=None):
+    calls.append(revision)
+    path = tmp_path / 'snapshots' / commits.get(revision or 'main', revision) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+      path.write_bytes(b'weights at ' + path.parent.name.encode())
+    return str(path)
+
+  monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+  source = WeightSource.from_hf('org/m', 'model.safetensors')
+  first = source.resolve()
+  pins = json.loads(sources.hub_pins_path().read_text())
+  assert pins == {'org/m/model.safetensors@main': {'commit': 'a' * 40,
+                                                   'sha256': sha256_of(first)}}
+  commits['main'] = 'b' * 40
+  assert source.resolve() == first and calls == [None, 'a' * 40]   # the pinned commit
+  first.write_bytes(b'tampered')
+  with pytest.raises(ChecksumMismatchError, match='pinned on first use: org/m/model'):
+    source.resolve()
 
 
 # --------------------------------------------------------------------------------------------

@@ -34,11 +34,11 @@ class CorruptWeightFileError(WeightFileError):
 class ChecksumMismatchError(WeightFileError):
   """The file's sha256 differs from the one the weight source pins."""
 
-  def __init__(self, path: str | os.PathLike, expected: str, actual: str):
+  def __init__(self, path: str | os.PathLike, expected: str, actual: str, pinned_by: str = ''):
     self.path, self.expected, self.actual = str(path), expected, actual
     super().__init__(
-        f'{path}: sha256 mismatch: expected {expected}, got {actual}. The file is damaged or '
-        'a different version: delete it and fetch it again.')
+        f'{path}: sha256 mismatch: expected {expected}{pinned_by}, got {actual}. The file is '
+        'damaged or a different version: delete it and fetch it again.')
 
 
 class UnsafeCheckpointError(WeightFileError):

