@@ -19,7 +19,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
 from PIL import Image
 
 from kivfm import config as config_lib

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kivfm import optim, sharding, teachers
 from kivfm.errors import ConfigError
-from kivfm.models import adapters, normalizers
+from kivfm.models import adapters, normalizers, vit
 from kivfm.models.kpu import KPU
 from kivfm.models.student import Student
 from kivfm.models.unifier import Unifier
@@ -87,7 +87,8 @@ def build_teachers(config, mesh) -> TeacherSet:
   graphdefs, params, shapes, specs = {}, {}, {}, {}
   probe = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   for i, (alias, tcfg) in enumerate(sorted(config.teachers.items())):
-    spec = registry.get(tcfg.name)
+    spec = registry.get(tcfg.name)   # + how its attention is computed (config.attention)
+    spec = dataclasses.replace(spec, arch=vit.with_attention(spec.arch, **config.attention))
     make = lambda seed: teachers.Teacher(spec, image_size=tcfg.image_size,
                                          dtype=DTYPES[tcfg.dtype], rngs=nnx.Rngs(seed))
     graphdef, abstract_state = abstract_split(lambda: make(0))

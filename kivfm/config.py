@@ -14,6 +14,7 @@ import ml_collections
 from kivfm import evals, sharding
 from kivfm.data import sources
 from kivfm.errors import ConfigError
+from kivfm.models.vit import ATTENTION
 from kivfm.teachers import registry
 
 ConfigDict = ml_collections.ConfigDict
@@ -110,6 +111,17 @@ def defaults() -> ConfigDict:
       # Adapters in the last K blocks only (0: every block). The frozen blocks below them run
       # once per step, shared with the knowledge-base teacher, and get no backward pass.
       adapter_blocks=0,
+  ))
+  # How every ViT (student and teachers) computes attention (`kivfm.models.vit.attention`):
+  # the same result, different memory and speed.
+  c.attention = ConfigDict(dict(
+      # plain: [B, H, N, N] logits | blocked: flash-style, no N x N array forward or backward
+      # (memory for speed) | fused: jax.nn.dot_product_attention (cuDNN on GPU) | auto: fused
+      # without a bias on GPU in bf16, else blocked above `auto_tokens` tokens per sequence or
+      # window (SAM's 64x64 global blocks), else plain
+      impl='auto',
+      chunks=(256, 512),              # blocked: (queries per chunk, keys per block)
+      auto_tokens=1024,               # auto: longest sequence kept on the plain path
   ))
   c.teachers = ConfigDict()
   # A teacher-target cache (`python -m kivfm.cache`): training reads the teachers' targets from
@@ -284,6 +296,18 @@ def _validate_cache(config: ConfigDict) -> None:
                         f'with an alias of config.teachers ({", ".join(config.teachers)})')
 
 
+def _validate_attention(attention: ConfigDict) -> None:
+  """config.attention: how the ViTs compute attention (kivfm.models.vit.with_attention)."""
+  _allowed('attention.impl', attention.impl, ATTENTION)
+  chunks = tuple(attention.chunks)
+  if len(chunks) != 2 or not all(isinstance(n, int) and n > 0 for n in chunks):
+    raise ConfigError(f'config.attention.chunks={attention.chunks!r} must be two positive '
+                      f'integers: (queries per chunk, keys per block)')
+  if not (isinstance(attention.auto_tokens, int) and attention.auto_tokens >= 0):
+    raise ConfigError(f'config.attention.auto_tokens={attention.auto_tokens!r} must be an '
+                      f'integer >= 0')
+
+
 def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first wrong key; checks the schema, values and the machine."""
   schema = defaults()
@@ -318,6 +342,7 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
             'data.num_examples', 'student.adapter_dim', 'student.lora_rank', 'unifier.hidden',
             'unifier.layers', 'optim.lr')
   _validate_cache(config)
+  _validate_attention(config.attention)
   for axis in config.mesh.axes:
     _allowed('mesh.axes', axis, MESH_AXES)
   mapped = {a for _, axes in config.sharding.rules

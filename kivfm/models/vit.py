@@ -16,6 +16,7 @@ Output contract (a dict):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -26,6 +27,7 @@ from flax import nnx
 from kivfm.models import layers
 
 POS_INTERP = ('bicubic', 'bicubic_aa', 'bilinear_aa')
+ATTENTION = ('auto', 'plain', 'blocked', 'fused')  # see `attention`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +61,22 @@ class ViTConfig:
   map_head: bool = False                 # SigLIP: attention-pooling head -> 'cls', 'embedding'
   proj_dim: int | None = None            # CLIP: visual projection (no bias) -> 'embedding'
   neck_dim: int | None = None            # SAM: conv1x1-LN-conv3x3-LN neck -> 'neck'
+  # How attention is computed (`attention`): equal results, different memory and speed. Not
+  # architecture, so left out of the repr (which keys the converted-weight cache).
+  # 'auto': 'fused' (cuDNN) without a bias on GPU in half precision, else 'blocked' when a
+  # sequence (or window) has more than `attention_auto_tokens` tokens, else 'plain'.
+  attention: str = dataclasses.field(default='auto', repr=False)
+  attention_chunks: tuple[int, int] = dataclasses.field(default=(256, 512), repr=False)
+  attention_auto_tokens: int = dataclasses.field(default=1024, repr=False)
 
   def __post_init__(self):
     if self.pos_interp not in POS_INTERP:
       raise ValueError(f'pos_interp {self.pos_interp!r}; allowed: {", ".join(POS_INTERP)}')
+    if self.attention not in ATTENTION:
+      raise ValueError(f'attention {self.attention!r}; allowed: {", ".join(ATTENTION)}')
+    if len(self.attention_chunks) != 2 or min(self.attention_chunks) < 1:
+      raise ValueError(f'attention_chunks {self.attention_chunks!r}: (queries per chunk, keys '
+                       f'per block), both >= 1')
     spatial = self.window_size or self.rel_pos
     if spatial and (self.class_token or self.num_registers):
       raise ValueError('windowed attention and relative positions need patch tokens only '
@@ -76,6 +90,16 @@ class ViTConfig:
   def num_pos_extra(self) -> int:
     """Position-table rows before the patch grid (the class position)."""
     return int(self.class_token and self.pos_embed_cls)
+
+
+def with_attention(arch, impl: str = 'auto', chunks: tuple[int, int] = (256, 512),
+                   auto_tokens: int = 1024):
+  """`arch` computing attention by `impl` (`config.attention`: `with_attention(arch,
+  **config.attention)`); configs of other model families are returned unchanged."""
+  if not isinstance(arch, ViTConfig):
+    return arch
+  return dataclasses.replace(arch, attention=impl, attention_chunks=tuple(chunks),
+                             attention_auto_tokens=auto_tokens)
 
 
 # ----------------------------------------------------------------------------------- resizing
@@ -149,7 +173,8 @@ def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-  """Softmax attention over [B, N, H, Dh] heads (float32 softmax) -> [B, Nq, H * Dh]."""
+  """Softmax attention over [B, N, H, Dh] heads (float32 softmax) -> [B, Nq, H * Dh].
+  Materialises the [B, H, Nq, Nk] logits: the 'plain' path."""
   logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
   if bias is not None:
     logits = logits + bias
@@ -176,6 +201,271 @@ def rel_pos_bias(q: jax.Array, rel_h: jax.Array, rel_w: jax.Array,
   bias_h = jnp.einsum('bxyhc,xkc->bhxyk', qg, _rel_pos_table(rel_h, h))
   bias_w = jnp.einsum('bxyhc,ykc->bhxyk', qg, _rel_pos_table(rel_w, w))
   return (bias_h[..., :, None] + bias_w[..., None, :]).reshape(b, heads, n, n)
+
+
+# Blocked (flash-style) attention. Queries go in chunks (an outer scan), keys in blocks (an
+# inner scan) under an online float32 softmax (running max m, sum l, weighted values acc), so no
+# [Nq, Nk] array exists, forward or backward: the backward is a custom VJP (FlashAttention-2's),
+# keeping q, k, v, the output and the log-sum-exp and recomputing each block's probabilities
+# once. Chunks are sliced from, and written into, whole [B, N, H, Dh] arrays (no stacked copies).
+# SAM's decomposed relative positions are computed per query chunk from that chunk only: with
+# the per-(query, key) tables Th [h, h, Dh] and Tw [w, w, Dh] (`_rel_pos_table`), query n at
+# (x, y) gets bias_h[n, i] = q_n . Th[x, i] and bias_w[n, j] = q_n . Tw[y, j] ([chunk, h] and
+# [chunk, w]); a key block is `rows` whole key rows, so its bias is bias_h[:, rows] (+) bias_w.
+_F32 = jnp.float32
+
+
+def _even(n: int, most: int) -> tuple[int, int]:
+  """(size, count) of the fewest pieces of at most `most` covering n, evened out so the zero
+  padding stays below `count` (257 tokens by 256: 2 x 129, not 2 x 256)."""
+  count = -(-n // max(most, 1))
+  return -(-n // count), count
+
+
+def _block_layout(nq: int, nk: int, key_w: int, chunks: tuple[int, int]):
+  """(query chunk, #chunks, key rows per block (0: no bias), key block, #blocks)."""
+  qc, nqc = _even(nq, chunks[0])
+  if key_w:  # whole key rows per block, at least one
+    rows, nkb = _even(nk // key_w, chunks[1] // key_w)
+    return qc, nqc, rows, rows * key_w, nkb
+  kb, nkb = _even(nk, chunks[1])
+  return qc, nqc, 0, kb, nkb
+
+
+def _pad_tokens(x: jax.Array, length: int) -> jax.Array:
+  """Zero-pads axis 1 (tokens) to `length`; no copy when it is already that long."""
+  if x.shape[1] == length:
+    return x
+  return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+
+def _chunk_tables(tables, start: int, qc: int):
+  """The rows of the per-(query, key) tables for queries start..start+qc: ([qc, h, Dh],
+  [qc, w, Dh], query rows x, query columns y). Past the grid (padding) x is clamped."""
+  th, tw = tables
+  n = start + jnp.arange(qc)
+  x, y = jnp.minimum(n // tw.shape[0], th.shape[0] - 1), n % tw.shape[0]
+  return th[x], tw[y], x, y
+
+
+def _chunk_bias(qb: jax.Array, th_q: jax.Array, tw_q: jax.Array):
+  """Relative-position factors of a query chunk [B, qc, H, Dh]: ([B, H, qc, h], [B, H, qc, w])."""
+  f = lambda t: jnp.einsum('bqhc,qkc->bhqk', qb, t, preferred_element_type=_F32)
+  return f(th_q), f(tw_q)
+
+
+def _block_logits(qb, kb, bias, j, layout, nk):
+  """float32 logits [B, H, qc, kb] of a query chunk against key block j: scaled, biased, and
+  -inf on the zero-padded keys past nk."""
+  _, _, rows, size, _ = layout
+  s = jnp.einsum('bqhd,bkhd->bhqk', qb, kb, preferred_element_type=_F32) / math.sqrt(qb.shape[-1])
+  if bias is not None:
+    bh, bw = bias
+    bh = jax.lax.dynamic_slice_in_dim(bh, j * rows, rows, axis=-1)
+    s = s + (bh[..., :, None] + bw[..., None, :]).reshape(s.shape)
+  if nk % size:
+    s = jnp.where(j * size + jnp.arange(size) < nk, s, -jnp.inf)
+  return s
+
+
+def _blocked_setup(q, k, v, tables, chunks):
+  nq, nk = q.shape[1], k.shape[1]
+  layout = _block_layout(nq, nk, 0 if tables is None else tables[1].shape[0], chunks)
+  qc, nqc, rows, size, nkb = layout
+  kp, vp = _pad_tokens(k, nkb * size), _pad_tokens(v, nkb * size)
+  key_block = lambda x, j: jax.lax.dynamic_slice_in_dim(x, j * size, size, axis=1)
+  q_chunk = lambda x, c: jax.lax.dynamic_slice_in_dim(x, c * qc, qc, axis=1)
+
+  def bias_of(qb, c):
+    if tables is None:
+      return None, None
+    th_q, tw_q, x, y = _chunk_tables(tables, c * qc, qc)
+    bh, bw = _chunk_bias(qb, th_q, tw_q)
+    if nkb * rows > bh.shape[-1]:  # key rows padded to whole blocks (their keys are masked)
+      bh = jnp.pad(bh, ((0, 0),) * 3 + ((0, nkb * rows - bh.shape[-1]),))
+    return (bh, bw), (th_q, tw_q, x, y)
+
+  return layout, kp, vp, key_block, q_chunk, bias_of
+
+
+def _blocked_forward(q, k, v, tables, chunks):
+  """q, k, v [B, N, H, Dh]; tables ([h, h, Dh], [w, w, Dh]) or None ->
+  (out [B, Nq, H, Dh] in v.dtype, log-sum-exp [B, H, Nq] float32)."""
+  b, nq, heads, dh = q.shape
+  layout, kp, vp, key_block, q_chunk, bias_of = _blocked_setup(q, k, v, tables, chunks)
+  qc, nqc, _, _, nkb = layout
+  qp = _pad_tokens(q, nqc * qc)
+
+  def chunk(carry, c):
+    out, lse = carry
+    qb = q_chunk(qp, c)
+    bias, _ = bias_of(qb, c)
+
+    def step(state, j):
+      m, l, acc = state
+      s = _block_logits(qb, key_block(kp, j), bias, j, layout, k.shape[1])
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.exp(s - m_new[..., None])
+      alpha = jnp.exp(m - m_new)
+      pv = jnp.einsum('bhqk,bkhd->bhqd', p.astype(v.dtype), key_block(vp, j),
+                      preferred_element_type=_F32)
+      return (m_new, l * alpha + p.sum(-1), acc * alpha[..., None] + pv), None
+
+    shape = (b, heads, qc)
+    init = (jnp.full(shape, -jnp.inf, _F32), jnp.zeros(shape, _F32),
+            jnp.zeros((*shape, dh), _F32))
+    (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(nkb))
+    o = (acc / l[..., None]).transpose(0, 2, 1, 3).astype(v.dtype)
+    out = jax.lax.dynamic_update_slice_in_dim(out, o, c * qc, axis=1)
+    lse = jax.lax.dynamic_update_slice_in_dim(lse, m + jnp.log(l), c * qc, axis=2)
+    return (out, lse), None
+
+  init = (jnp.zeros((b, nqc * qc, heads, dh), v.dtype), jnp.zeros((b, heads, nqc * qc), _F32))
+  (out, lse), _ = jax.lax.scan(chunk, init, jnp.arange(nqc))
+  return out[:, :nq], lse[..., :nq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q, k, v, tables, chunks):
+  return _blocked_forward(q, k, v, tables, chunks)[0]
+
+
+def _blocked_fwd(q, k, v, tables, chunks):
+  out, lse = _blocked_forward(q, k, v, tables, chunks)
+  return out, (q, k, v, tables, out, lse)
+
+
+def _blocked_bwd(chunks, res, dout):
+  """FlashAttention-2's backward: per query chunk and key block, p = exp(s - lse) and
+  ds = p * (dout . v - rowsum(dout * out)); dq, dk, dv (float32) and, through the chunk's
+  relative-position factors, the tables' cotangents accumulate."""
+  q, k, v, tables, out, lse = res
+  b, nq, heads, dh = q.shape
+  layout, kp, vp, key_block, q_chunk, bias_of = _blocked_setup(q, k, v, tables, chunks)
+  qc, nqc, rows, size, nkb = layout
+  scale = 1 / math.sqrt(dh)
+  pad_q = lambda x: _pad_tokens(x, nqc * qc)
+  qp, dop = pad_q(q), pad_q(dout)
+  lsep = jnp.pad(lse, ((0, 0), (0, 0), (0, nqc * qc - nq)))
+  delta = jnp.einsum('bqhd,bqhd->bhq', dop.astype(_F32), pad_q(out).astype(_F32))
+
+  def chunk(carry, c):
+    dq_all, dk_all, dv_all, dtables = carry
+    qb, dob = q_chunk(qp, c), q_chunk(dop, c)
+    lseb = jax.lax.dynamic_slice_in_dim(lsep, c * qc, qc, axis=2)
+    deltab = jax.lax.dynamic_slice_in_dim(delta, c * qc, qc, axis=2)
+    bias, rel = bias_of(qb, c)
+
+    def step(state, j):
+      dq, dbias, dk_all, dv_all = state
+      kb, vb = key_block(kp, j), key_block(vp, j)
+      p = jnp.exp(_block_logits(qb, kb, bias, j, layout, k.shape[1]) - lseb[..., None])
+      dv = jnp.einsum('bhqk,bqhd->bkhd', p.astype(dob.dtype), dob, preferred_element_type=_F32)
+      dp = jnp.einsum('bqhd,bkhd->bhqk', dob, vb, preferred_element_type=_F32)
+      ds = p * (dp - deltab[..., None])
+      dq = dq + jnp.einsum('bhqk,bkhd->bqhd', ds.astype(kb.dtype), kb,
+                           preferred_element_type=_F32) * scale
+      dk = jnp.einsum('bhqk,bqhd->bkhd', ds.astype(qb.dtype), qb,
+                      preferred_element_type=_F32) * scale
+      add = lambda acc, d: jax.lax.dynamic_update_slice_in_dim(
+          acc, key_block(acc, j) + d, j * size, axis=1)
+      dk_all, dv_all = add(dk_all, dk), add(dv_all, dv)
+      if bias is not None:
+        dbh, dbw = dbias
+        ds = ds.reshape(*ds.shape[:3], rows, -1)
+        old = jax.lax.dynamic_slice_in_dim(dbh, j * rows, rows, axis=-1)
+        dbias = (jax.lax.dynamic_update_slice_in_dim(dbh, old + ds.sum(-1), j * rows, axis=-1),
+                 dbw + ds.sum(-2))
+      return (dq, dbias, dk_all, dv_all), None
+
+    dbias = None if bias is None else tuple(jnp.zeros(t.shape, _F32) for t in bias)
+    init = (jnp.zeros((b, qc, heads, dh), _F32), dbias, dk_all, dv_all)
+    (dq, dbias, dk_all, dv_all), _ = jax.lax.scan(step, init, jnp.arange(nkb))
+    if bias is not None:  # through bias_h = q . Th[x] and bias_w = q . Tw[y]
+      (dbh, dbw), (th_q, tw_q, x, y) = dbias, rel
+      dbh = dbh[..., :th_q.shape[1]]
+      dq = (dq + jnp.einsum('bhqk,qkc->bqhc', dbh, th_q.astype(_F32))
+            + jnp.einsum('bhqk,qkc->bqhc', dbw, tw_q.astype(_F32)))
+      qf = qb.astype(_F32)
+      dtables = (dtables[0].at[x].add(jnp.einsum('bhqk,bqhc->qkc', dbh, qf)),
+                 dtables[1].at[y].add(jnp.einsum('bhqk,bqhc->qkc', dbw, qf)))
+    dq_all = jax.lax.dynamic_update_slice_in_dim(dq_all, dq, c * qc, axis=1)
+    return (dq_all, dk_all, dv_all, dtables), None
+
+  zeros = lambda x: jnp.zeros(x.shape, _F32)
+  init = (jnp.zeros(qp.shape, _F32), zeros(kp), zeros(vp),
+          None if tables is None else tuple(zeros(t) for t in tables))
+  (dq, dk, dv, dtables), _ = jax.lax.scan(chunk, init, jnp.arange(nqc))
+  cast = lambda d, like: d[:, :like.shape[1]].astype(like.dtype)
+  if tables is not None:
+    dtables = tuple(d.astype(t.dtype) for d, t in zip(dtables, tables))
+  return cast(dq, q), cast(dk, k), cast(dv, v), dtables
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      rel_pos: tuple[jax.Array, jax.Array, tuple[int, int]] | None = None,
+                      chunks: tuple[int, int] = (256, 512)) -> jax.Array:
+  """Memory-efficient attention over [B, N, H, Dh] heads -> [B, Nq, H * Dh], equal to
+  `_attend` (with `rel_pos_bias(q, *rel_pos)` for SAM's relative positions (rel_h, rel_w,
+  grid)) up to float32 rounding. `chunks`: (queries per chunk, keys per block); with `rel_pos`
+  a key block is whole key rows (at least one). Memory beyond q, k, v and float32 gradient
+  accumulators: O(B H chunk block), forward and backward."""
+  tables = None
+  if rel_pos is not None:
+    rel_h, rel_w, (h, w) = rel_pos
+    if h * w != q.shape[1] or h * w != k.shape[1]:
+      raise ValueError(f'relative positions over a {h}x{w} grid need {h * w} queries and keys, '
+                       f'got {q.shape[1]} and {k.shape[1]}')
+    tables = (_rel_pos_table(rel_h, h), _rel_pos_table(rel_w, w))
+  out = _blocked(q, k, v, tables, tuple(chunks))
+  return out.reshape(*out.shape[:2], -1)
+
+
+def _cudnn_eligible(q: jax.Array) -> bool:
+  return jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16)
+
+
+def _fused_attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """`jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU where it supports the call
+  (float16 / bfloat16), else XLA's implementation (which materialises the logits)."""
+  if _cudnn_eligible(q):
+    try:
+      out = jax.nn.dot_product_attention(q, k, v, bias, implementation='cudnn')
+      return out.reshape(*out.shape[:2], -1)
+    except (NotImplementedError, RuntimeError, ValueError):  # cuDNN absent / unsupported shape
+      pass
+  out = jax.nn.dot_product_attention(q, k, v, bias, implementation='xla')
+  return out.reshape(*out.shape[:2], -1)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array,
+              rel_pos: tuple[jax.Array, jax.Array, tuple[int, int]] | None = None, *,
+              impl: str = 'auto', chunks: tuple[int, int] = (256, 512),
+              auto_tokens: int = 1024) -> jax.Array:
+  """Self-attention over [B, N, H, Dh] heads -> [B, Nq, H * Dh] by implementation `impl`
+  (`ATTENTION`); `rel_pos`: (rel_h, rel_w, grid) of SAM's decomposed relative positions.
+
+  'plain' materialises [B, H, Nq, Nk] logits (the fast path for short sequences);
+  'blocked' never does (`blocked_attention`, `chunks`); 'fused' is `jax.nn.dot_product_attention`
+  (cuDNN on GPU in half precision, else XLA's); 'auto': 'fused' without a bias where cuDNN can
+  run it, else 'blocked' above `auto_tokens` keys, else 'plain'.
+  """
+  if impl == 'auto':
+    if rel_pos is None and _cudnn_eligible(q):
+      impl = 'fused'
+    else:
+      impl = 'blocked' if k.shape[1] > auto_tokens else 'plain'
+  if impl == 'blocked':
+    return blocked_attention(q, k, v, rel_pos, chunks)
+  bias = None if rel_pos is None else rel_pos_bias(q, *rel_pos)
+  if impl == 'fused':
+    return _fused_attend(q, k, v, bias)
+  if impl == 'plain':
+    return _attend(q, k, v, bias)
+  raise ValueError(f'attention {impl!r}; allowed: {", ".join(ATTENTION)}')
 
 
 def window_partition(x: jax.Array, size: int) -> jax.Array:
@@ -206,6 +496,8 @@ class Attention(nnx.Module):
     self.value = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
     self.out = layers.Dense(d, d, axes=('heads', 'embed'), **kw)
     self.num_heads, self.window, self.dtype = cfg.num_heads, window, dtype
+    self.impl, self.chunks = cfg.attention, tuple(cfg.attention_chunks)
+    self.auto_tokens = cfg.attention_auto_tokens
     if cfg.rel_pos:
       gh, gw = (window, window) if window else cfg.pos_grid
       table = lambda n: layers.param(rngs, layers.zeros, (2 * n - 1, cfg.head_dim), (None, None),
@@ -225,11 +517,12 @@ class Attention(nnx.Module):
 
   def attend(self, x: jax.Array, grid: tuple[int, int] | None) -> jax.Array:
     q, k, v = (_split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
-    bias = None
+    rel_pos = None
     if self.rel_pos_h is not None:
       cast = lambda p: p[...].astype(self.dtype)
-      bias = rel_pos_bias(q, cast(self.rel_pos_h), cast(self.rel_pos_w), grid)
-    return self.out(_attend(q, k, v, bias))
+      rel_pos = (cast(self.rel_pos_h), cast(self.rel_pos_w), grid)
+    return self.out(attention(q, k, v, rel_pos, impl=self.impl, chunks=self.chunks,
+                              auto_tokens=self.auto_tokens))
 
 
 class LayerScale(nnx.Module):
