@@ -13,7 +13,6 @@ Writes OUT/input_benchmark.json and prints a table with the host's core count an
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import tempfile
@@ -34,10 +33,7 @@ def photo_folder(directory: str, images: int, side: int = 500) -> str:
     photo = photos[i % len(photos)]
     scale = side / max(photo.size)
     resized = photo.resize((round(photo.width * scale), round(photo.height * scale)))
-    buffer = io.BytesIO()
-    resized.save(buffer, format='JPEG', quality=90)
-    with open(os.path.join(folder, f'{i:05d}.jpg'), 'wb') as f:
-      f.write(buffer.getvalue())
+    resized.save(os.path.join(folder, f'{i:05d}.jpg'), quality=90)
   return directory
 
 

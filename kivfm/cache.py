@@ -39,7 +39,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from kivfm import assembly, config as config_lib, paths, sharding
+from kivfm import assembly, config as config_lib, sharding
 from kivfm.data import cached, examples, transforms
 from kivfm.stats import FeatureStats
 
@@ -50,13 +50,7 @@ LOAD_THREADS = 8
 
 def cache_dir(config, workdir: str) -> str:
   """config.teacher_cache, or DIR/teacher_cache (a local or mounted directory)."""
-  if config.teacher_cache:
-    return cached.local_cache_dir(config.teacher_cache)
-  if paths.is_remote(workdir):
-    raise config_lib.ConfigError(
-        f'the teacher cache needs a local (or mounted) directory and the workdir {workdir} is '
-        f'an object store: set --config.teacher_cache=/local/or/gcsfuse/path')
-  return os.path.abspath(os.path.join(workdir, 'teacher_cache'))
+  return cached.local_cache_dir(config.teacher_cache or os.path.join(workdir, 'teacher_cache'))
 
 
 def view_rng(shuffle_seed: int, source: int, index: int, view: int) -> np.random.Generator:

@@ -33,13 +33,11 @@ def is_remote(p: str | os.PathLike) -> bool:
 
 
 def write_text_atomic(target: epath.Path, text: str) -> None:
-  """Writes `text` to `target` via a temporary sibling and a rename (atomic on local disks)."""
-  tmp = target.parent / f'.{target.name}.tmp'
-  tmp.write_text(text)
-  tmp.replace(target)
+  write_bytes_atomic(target, text.encode())
 
 
 def write_bytes_atomic(target: epath.Path, data: bytes) -> None:
+  """Writes `data` to `target` via a temporary sibling and a rename (atomic on local disks)."""
   tmp = target.parent / f'.{target.name}.tmp'
   tmp.write_bytes(data)
   tmp.replace(target)

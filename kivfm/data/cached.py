@@ -28,7 +28,7 @@ import grain
 import ml_dtypes
 import numpy as np
 
-from kivfm import teachers
+from kivfm import paths, teachers
 from kivfm.data import examples, pipeline, sources, transforms
 from kivfm.errors import ConfigError, DataUnavailableError
 from kivfm.teachers import registry
@@ -389,9 +389,10 @@ def make_dataset(config, directory: str, manifest: dict, parts, process_index: i
 def local_cache_dir(directory: str) -> str:
   """`directory` made absolute; array_record reads and writes local files only, so an object
   store is an error that says how to make it local."""
-  if '://' in directory:
+  if paths.is_remote(directory):
     raise ConfigError(
-        f'config.teacher_cache={directory!r}: the cache\'s array_record shards are read and '
+        f'teacher cache {directory!r} (config.teacher_cache, default WORKDIR/teacher_cache): '
+        f'its array_record shards are read and '
         f'written as local files; copy it to local disk (gsutil -m cp -r) or mount the bucket '
         f'(gcsfuse) and point config.teacher_cache at that directory')
   return os.path.abspath(os.path.expanduser(directory))
