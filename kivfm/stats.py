@@ -41,6 +41,19 @@ class FeatureStats:
       stats._m2 = centred.T @ centred
     return stats
 
+  @classmethod
+  def from_moments(cls, count: int, mean: np.ndarray, m2: np.ndarray) -> FeatureStats:
+    """Statistics with the given count, mean [C] and co-moment matrix m2 [C, C]."""
+    stats = cls(np.size(mean))
+    stats.count, stats._mean, stats._m2 = int(count), np.asarray(mean, np.float64), np.asarray(
+        m2, np.float64)
+    return stats
+
+  def moments(self) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, m2): what `from_moments` takes."""
+    self._require_data()
+    return self.count, self._mean.copy(), self._m2.copy()
+
   def update(self, x: np.ndarray) -> FeatureStats:
     """Adds the rows of x [..., C]; returns self."""
     return self.merge(FeatureStats.from_batch(x))
@@ -114,9 +127,7 @@ class FeatureStats:
     if mean.ndim != 1 or m2.shape != (mean.size, mean.size):
       raise ValueError(f'feature statistics file {os.fspath(path)!r}: mean {mean.shape} and '
                        f'm2 {m2.shape} do not fit one channel count')
-    stats = cls(mean.size)
-    stats.count, stats._mean, stats._m2 = count, mean.astype(np.float64), m2.astype(np.float64)
-    return stats
+    return cls.from_moments(count, mean, m2)
 
   def __repr__(self) -> str:
     return f'FeatureStats(channels={self.channels}, count={self.count})'

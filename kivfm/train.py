@@ -152,13 +152,19 @@ def evaluate(evaluators: dict, student) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks, so a final checkpoint gets written."""
+  """Turns SIGTERM into a flag the loop checks, so a final checkpoint gets written.
+
+  Single process only. With several processes JAX's preemption service owns SIGTERM: it tells
+  every process, and `Checkpointer.reached_preemption` stops them all at the same step (a handler
+  here would replace the service's, and the process that got the signal would stop alone)."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread

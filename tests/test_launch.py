@@ -56,6 +56,47 @@ def test_shellcheck(script):
   assert result.returncode == 0, result.stdout + result.stderr
 
 
+# ------------------------------------------------------------------------------ local.sh
+
+def test_local_dry_run_one_process(tmp_path):
+  out = _launch('local.sh', '--dry-run', 'configs/base.py:smoke', 'runs/x',
+                '--config.data.tfds_name=a b', env=_env(tmp_path))
+  assert _lines(out) == ['python -m kivfm.main --config=configs/base.py:smoke --workdir=runs/x '
+                         "--config.data.tfds_name='a b'"]
+
+
+def test_local_dry_run_two_processes_keeps_user_xla_flags(tmp_path):
+  out = _launch('local.sh', '--dry-run', '--processes=2', '--cpu-devices=4', '--port=999',
+                'configs/base.py:smoke', 'runs/x', '--config.total_steps=4',
+                env=_env(tmp_path, XLA_FLAGS='--xla_a=1 --xla_force_host_platform_device_count=8'))
+  command = ('python -m kivfm.main --config=configs/base.py:smoke --workdir=runs/x '
+             '--config.distributed.enabled=True '
+             '--config.distributed.coordinator_address=127.0.0.1:999 '
+             '--config.distributed.num_processes=2 --config.distributed.process_id={} '
+             '--config.total_steps=4 &')
+  assert _lines(out) == [
+      'export JAX_PLATFORMS=cpu',
+      "export XLA_FLAGS='--xla_a=1 --xla_force_host_platform_device_count=4'",
+      command.format(0), command.format(1)]
+
+
+def test_local_dry_run_one_process_per_gpu(tmp_path):
+  out = _lines(_launch('local.sh', '--dry-run', '--processes=2', '--gpus-per-process=2', 'c', 'w',
+                       env=_env(tmp_path)))
+  assert [line.split(' --config.distributed.')[-1] for line in out] == [
+      'local_device_ids=0,1 &', 'local_device_ids=2,3 &']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--processes=0', 'c', 'w'], "--processes must be a positive integer, got '0'"),
+    (['--cpu-devices=2', '--gpus-per-process=1', 'c', 'w'], 'exclude each other'),
+    (['--nodes=2', 'c', 'w'], "unknown option '--nodes=2'"),
+])
+def test_local_names_the_offending_argument(tmp_path, args, message):
+  out = _launch('local.sh', '--dry-run', *args, env=_env(tmp_path))
+  assert out.returncode == 2 and message in out.stderr
+
+
 # ------------------------------------------------------------------------------ gpu_slurm.sh
 
 def test_gpu_slurm_dry_run_one_process_per_node(tmp_path):

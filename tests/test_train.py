@@ -251,23 +251,6 @@ def test_sigterm_writes_a_checkpoint_at_the_step_reached(tmp_path):
   assert f'preempted at step {last}' in stderr
 
 
-def test_two_processes_train_together(tmp_path):
-  """Two processes on loopback (4 CPU devices each) form one 8-device mesh."""
-  port = 20000 + os.getpid() % 20000
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  procs = [subprocess.Popen(
-      main_cmd(tmp_path, '--config.distributed.enabled=True',
-               f'--config.distributed.coordinator_address=127.0.0.1:{port}',
-               '--config.distributed.num_processes=2', f'--config.distributed.process_id={i}'),
-      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for proc in procs:
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
-  assert 'over 8 devices (2 processes)' in stderr
-  assert [r['step'] for r in metrics.read_jsonl(tmp_path / 'metrics.jsonl')] == list(range(1, 21))
-  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['10', '20']
-
-
 def test_rematerialised_blocks_give_the_same_step():
   (_, s_plain), = steps(build(smoke()), smoke(), 1)[1]
   (_, s_remat), = steps(build(smoke(**{'student.remat': True})), smoke(), 1)[1]

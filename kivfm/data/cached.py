@@ -375,11 +375,9 @@ def make_dataset(config, directory: str, manifest: dict, parts, process_index: i
   codec = Codec.from_manifest(manifest, directory)
   paths = [os.path.join(directory, shard['file']) for shard in manifest['shards']]
   records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
-  if len(records) < process_count:
-    raise DataUnavailableError(f'the teacher-target cache at {directory} has {len(records)} '
-                               f'records, fewer than the {process_count} processes')
   seed = int(np.random.SeedSequence([data.shuffle_seed]).generate_state(1)[0])
-  records = records[process_index::process_count].shuffle(seed=seed).repeat(None)
+  records = pipeline.process_slice(records.shuffle(seed=seed).repeat(None), data.batch_size,
+                                   process_index, process_count)
   views = records.map(_View(parts, codec.record_dtype, data.image_size, directory))
   batches = pipeline.FullBatches(views.to_iter_dataset(), data.batch_size // process_count)
   batches = batches.map(_Targets(codec, sorted(config.teachers)))

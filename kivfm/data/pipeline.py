@@ -1,5 +1,6 @@
-"""grain input pipeline: sources -> per-process shard -> seeded shuffle -> repeat -> (weighted
-mix) -> decode and check -> ONE random-resized-crop + flip view -> full batches -> worker prefetch.
+"""grain input pipeline: sources -> seeded shuffle -> repeat -> (weighted mix) -> decode and
+check -> ONE random-resized-crop + flip view -> this process's share of each global batch ->
+full batches -> worker prefetch.
 
 A batch is {'image': uint8 [B_local, S, S, 3], 'label', 'index', 'source': int32 [B_local],
 'skipped': int}, B_local = data.batch_size // process_count. 'label' is -1 where the source has
@@ -10,8 +11,10 @@ start: batches stay full, and a run's total is the sum over its steps. It is a p
 host int, not an array: take it out of the batch before placing the batch on the mesh.
 
 Determinism: every random choice (shuffle per epoch, crop, flip) is seeded by data.shuffle_seed
-and the element index, so the same config, process and data.worker_count give the same batches,
-bad records included. The iterator state (`get_state` / `set_state`, saved in the orbax
+and the element's global index, and each process reads its block of every global batch, so the
+same config and data.worker_count give the same global batches for any number of processes
+(bad records included within a process; a bad record is replaced by the next of that process's
+blocks). The iterator state (`get_state` / `set_state`, saved in the orbax
 checkpoint) resumes with exactly the next batch. Changing data.worker_count (or, with -1, the
 host's core count) changes the order.
 """
@@ -44,6 +47,36 @@ class _View(grain.transforms.RandomMap):
       return element
     view = transforms.crop_and_flip(element['image'], self.size, rng, self.scale)
     return {**element, 'image': view}
+
+
+class _ProcessSlice(grain.MapDataset):
+  """Process `index` of `count`: the `index`-th block of `local` elements of every global batch
+  of `local * count` elements, so the global batches do not depend on the process count."""
+
+  def __init__(self, parent: grain.MapDataset, local: int, index: int, count: int):
+    super().__init__(parent)
+    self._local, self._index, self._count = local, index, count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._local * self._count) * self._local
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return self.slice(i)
+    step, offset = divmod(i, self._local)
+    return self._parent[(step * self._count + self._index) * self._local + offset]
+
+  def __str__(self) -> str:
+    return f'ProcessSlice(local={self._local}, index={self._index}, count={self._count})'
+
+
+def process_slice(ds: grain.MapDataset, batch_size: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This process's share of `ds` read in global batches of `batch_size`: its block of
+  batch_size // process_count elements of each (see `_ProcessSlice`)."""
+  if process_count == 1:
+    return ds
+  return _ProcessSlice(ds, batch_size // process_count, process_index, process_count)
 
 
 class FullBatches(grain.IterDataset):
@@ -100,15 +133,12 @@ def make_dataset(parts, data, process_index: int = 0, process_count: int = 1) ->
     ds = grain.MapDataset.source(examples.Examples(source, k, name))
     if data.max_examples:
       ds = ds[:data.max_examples]
-    if len(ds) < process_count:
-      raise sources.DataUnavailableError(
-          f'source {name!r} has {len(ds)} examples, fewer than the {process_count} processes')
-    ds = ds[process_index::process_count]
     datasets.append(ds.shuffle(seed=_seed(data.shuffle_seed, k)).repeat(None))
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(
       datasets, [weight for _, weight, _ in parts])
   ds = ds.random_map(_View(data.image_size, data.crop_scale),
-                     seed=_seed(data.shuffle_seed, len(parts), process_index))
+                     seed=_seed(data.shuffle_seed, len(parts)))
+  ds = process_slice(ds, data.batch_size, process_index, process_count)
   return with_workers(FullBatches(ds.to_iter_dataset(), data.batch_size // process_count),
                       data.worker_count)
 
