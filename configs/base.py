@@ -6,8 +6,10 @@ weights; about 125k steps):
   tfds build imagenet2012 --data_dir=DATA --file_format=array_record --manual_dir=TARS  # once
   python -m kivfm.main --config=configs/base.py --workdir=gs://BUCKET/kpu_b14 \\
       --config.data.tfds_data_dir=DATA
-Expected: not run here (no accelerator, no ImageNet, no network for CLIP / SAM weights), so
-neither its cost nor its results are measured.
+Expected: not run here (no accelerator, no ImageNet, no network for CLIP / SAM weights), so its
+results are not measured. Its cost, from `python -m kivfm.aot --config=configs/base.py
+--topology=...` (XLA's plan on CPU): 528 GFLOP per image; 58 GiB per device on 8 x H100 (~6 h
+at MFU 0.4), 30 GiB per chip on a v4-32 (~11 h), 16 GiB on a v5p-64 (~3 h).
 
 Smoke run (tiny random teachers and student, synthetic images; used by tests and CI):
   python -m kivfm.main --config=configs/base.py:smoke --workdir=/tmp/kivfm_smoke
@@ -26,7 +28,9 @@ def full(config):
                      image_size=224, batch_size=1024)
   config.teachers.dinov2 = config_lib.teacher('dinov2-vitb14', weight=1.0)
   config.teachers.clip = config_lib.teacher('clip-vitl14', weight=1.0)
-  config.teachers.sam = config_lib.teacher('sam-vitb', weight=1.0, image_size=1024)
+  # Each teacher gets the 224 px view at <= 2x (config.data.max_teacher_upsample): SAM at
+  # 448 px (28 x 28 tokens, 4 windows of 14) rather than its native 1024 px.
+  config.teachers.sam = config_lib.teacher('sam-vitb', weight=1.0, image_size=448)
   config.student.update(knowledge_base='dinov2', adapter='bottleneck', adapter_dim=128,
                         remat=True)
   config.unifier.update(hidden=1024, layers=2, shared_dim=768, normalizer='ema_zscore')

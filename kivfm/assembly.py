@@ -5,6 +5,7 @@ shardings. Used by training, inference and `compute_stats`; knows nothing of the
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -75,25 +76,48 @@ class TeacherSet:
 def kernels_in_compute_dtype(config, teacher_set: TeacherSet) -> TeacherSet:
   """The teachers with their Dense / Conv kernels stored in their compute dtype: those layers
   cast kernels at use, so outputs are unchanged while memory and per-step casts drop (bf16)."""
+  def to(x, dtype):   # an abstract leaf keeps its sharding
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+
   def cast(alias, params):
     dtype = DTYPES[config.teachers[alias].dtype]
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(dtype) if path_str(path).endswith('kernel') else x, params)
+        lambda path, x: to(x, dtype) if path_str(path).endswith('kernel') else x, params)
   return dataclasses.replace(teacher_set, params={alias: cast(alias, p) for alias, p in
                                                   teacher_set.params.items()})
 
 
-def build_teachers(config, mesh) -> TeacherSet:
+def check_upsampling(config, alias: str, spec) -> None:
+  """A teacher may enlarge the view at most `config.data.max_teacher_upsample` times."""
+  limit, view = config.data.max_teacher_upsample, config.data.image_size
+  size = config.teachers[alias].image_size or max(spec.image_size)
+  if limit and size > limit * view:
+    raise ConfigError(
+        f'teacher {alias} ({spec.name}) would see the {view} px view enlarged to {size} px, '
+        f'{size / view:.2g}x (config.data.max_teacher_upsample={limit:g}): the extra compute looks '
+        f'at a blurred image. Set config.teachers.{alias}.image_size <= {int(limit * view)} '
+        f'(multiples of its patch size), raise config.data.image_size to >= '
+        f'{math.ceil(size / limit)}, or set config.data.max_teacher_upsample=0 to allow it.')
+
+
+def build_teachers(config, mesh, abstract: bool = False) -> TeacherSet:
+  """The frozen teachers on `mesh`; `abstract`: their parameters as ShapeDtypeStructs carrying
+  their shardings, nothing allocated and no weight file read."""
   graphdefs, params, shapes, specs = {}, {}, {}, {}
   probe = jax.ShapeDtypeStruct((1, config.data.image_size, config.data.image_size, 3), jnp.uint8)
   for i, (alias, tcfg) in enumerate(sorted(config.teachers.items())):
     spec = registry.get(tcfg.name)   # + how its attention is computed (config.attention)
+    check_upsampling(config, alias, spec)
     spec = dataclasses.replace(spec, arch=vit.with_attention(spec.arch, **config.attention))
     make = lambda seed: teachers.Teacher(spec, image_size=tcfg.image_size,
                                          dtype=DTYPES[tcfg.dtype], rngs=nnx.Rngs(seed))
     graphdef, abstract_state = abstract_split(lambda: make(0))
     shardings = sharding.state_shardings(abstract_state, config.sharding.rules, mesh)
-    if tcfg.weights == 'random':
+    if abstract:
+      params[alias] = abstract_like(nnx.to_pure_dict(abstract_state), shardings)
+    elif tcfg.weights == 'random':
       seed = config.seed + 1000 * (i + 1)
       init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(seed))), out_shardings=shardings)
       params[alias] = sharding.run_once(init)
@@ -192,9 +216,11 @@ def load_fixed_stats(config, teacher_set: TeacherSet, stats: dict, stats_dir: st
   return stats
 
 
-def build_run(config, mesh, stats_dir: str = '') -> Run:
-  """Everything a run needs on `mesh`; `stats_dir` holds fixed normaliser statistics."""
-  teacher_set = build_teachers(config, mesh)
+def build_run(config, mesh, stats_dir: str = '', abstract: bool = False) -> Run:
+  """Everything a run needs on `mesh`; `stats_dir` holds fixed normaliser statistics.
+  `abstract`: every array a ShapeDtypeStruct with its sharding (for ahead-of-time compiles):
+  nothing allocated, no weight or statistics file read."""
+  teacher_set = build_teachers(config, mesh, abstract)
   rules = config.sharding.rules
   make = lambda: build_kpu(config, teacher_set, config.seed)
   _, abstract_full = abstract_split(make)
@@ -226,10 +252,14 @@ def build_run(config, mesh, stats_dir: str = '') -> Run:
                        opt_state=tx.init(params), nonfinite_run=zero, nonfinite_total=zero)
     return state, nnx.to_pure_dict(frozen)
 
-  init = jax.jit(init, out_shardings=(state_shardings, frozen_shardings))
-  state, frozen = sharding.run_once(init, kb_params)
+  out_shardings = (state_shardings, frozen_shardings)
+  init = jax.jit(init, out_shardings=out_shardings)
+  if abstract:
+    state, frozen = abstract_like(jax.eval_shape(init, kb_params), out_shardings)
+  else:
+    state, frozen = sharding.run_once(init, kb_params)
   teacher_set = kernels_in_compute_dtype(config, teacher_set)  # after the student inherits
-  if config.unifier.normalizer in ('zscore', 'phi_s'):
+  if config.unifier.normalizer in ('zscore', 'phi_s') and not abstract:  # same shapes
     fixed = load_fixed_stats(config, teacher_set, state.stats, stats_dir)
     state = state.replace(stats=jax.tree.map(
         lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),

@@ -83,6 +83,10 @@ def defaults() -> ConfigDict:
       source='synthetic',
       num_examples=1024,              # synthetic: size of the dataset
       image_size=224,                 # side of the augmented view fed to every model
+      # A teacher resizes the view to its own image_size (teacher(..., image_size=) or its
+      # registry resolution); enlarging it more than this adds compute, not detail: an error
+      # (0: no limit). Pick a view at the largest useful teacher resolution / this factor.
+      max_teacher_upsample=2.0,
       batch_size=64,                  # global batch
       shuffle_seed=0,
       crop_scale=(0.35, 1.0),         # random-resized-crop area range

@@ -1,6 +1,6 @@
 """Training: `train_and_evaluate(config, workdir)` assembles the run on the mesh
-(`kivfm.assembly`), then runs the sharded, resumable distillation loop. A leaf: only
-`kivfm.main` imports it.
+(`kivfm.assembly`), then runs the sharded, resumable distillation loop. A leaf: only the entry
+points `kivfm.main` and `kivfm.aot` import it.
 
 One step: frozen teachers (on-device preprocessing, stop_gradient) -> {x_t, V_t}; KPU (student +
 unifier) -> its outputs; the objective of outputs and targets; gradients for the trainable

@@ -135,3 +135,18 @@ def test_config_files_are_a_package_with_named_arguments():
     config_lib.load('configs/ablations/normalizer.py:smoke')
   assert config_lib.parse_arg('drop=clip,smoke', 'f', drop=str, smoke=bool) == {
       'drop': 'clip', 'smoke': True}
+
+
+def test_a_teacher_may_enlarge_the_view_at_most_max_teacher_upsample_times():
+  from kivfm import assembly
+  from kivfm.teachers import registry
+  config = config_lib.load('configs/base.py')   # a 224 px view; SAM at 448 px: 2x
+  sam = registry.get('sam-vitb')
+  assembly.check_upsampling(config, 'sam', sam)
+  config.teachers.sam.image_size = 0              # SAM's own 1024 px: 4.6x
+  with pytest.raises(config_lib.ConfigError, match=r'teacher sam \(sam-vitb\) would see the 224 '
+                     r'px view enlarged to 1024 px, 4.6x .*teachers.sam.image_size <= 448.*'
+                     r'image_size to >= 512'):
+    assembly.check_upsampling(config, 'sam', sam)
+  config.data.max_teacher_upsample = 0            # no limit
+  assembly.check_upsampling(config, 'sam', sam)
