@@ -39,8 +39,8 @@ def _as_teacher(model, teacher, images, alias: str):
 class Inherited:
   """A student with its unifier and the teachers' heads."""
 
-  def __init__(self, model, teachers: dict):
-    self.model, self.teachers = model, teachers
+  def __init__(self, model, teachers: dict, step: int | None = None):
+    self.model, self.teachers, self.step = model, teachers, step   # step: of its checkpoint
 
   def features(self, images) -> dict:
     return _features(self.model, images)
@@ -57,11 +57,21 @@ class Inherited:
     return lambda images: _as_teacher(self.model, self.teachers[alias], images, alias=alias)
 
 
+class TeacherModel:
+  """A teacher on its own with a student's `features` (frozen-feature baselines)."""
+
+  def __init__(self, teacher):
+    self.teacher = teacher
+
+  def features(self, images) -> dict:
+    return _run_teacher(self.teacher, images)
+
+
 def from_run(run: assembly.Run, state: assembly.TrainState) -> Inherited:
   model = run.kpu(state)
   teachers = {alias: nnx.merge(graphdef, nnx.State(run.teacher_set.params[alias]))
               for alias, graphdef in run.teacher_set.graphdefs.items()}
-  return Inherited(model, teachers)
+  return Inherited(model, teachers, int(jax.device_get(state.step)))
 
 
 def load(workdir: str, step: int | None = None) -> Inherited:

@@ -9,7 +9,9 @@ An evaluator is a class in `EVALUATORS` with
                              TensorBoard as eval/<name>/<key>/...;
   write(results, workdir)    its own files (figures, tables), on the lead process only.
 `student` is a `kivfm.inference.Inherited`: `features(images)`, `as_teacher(alias)(images)`,
-`teacher(alias)(images)` and `teachers` (alias -> Teacher, with its registry `spec`).
+`teacher(alias)(images)` and `teachers` (alias -> Teacher, with its registry `spec`). Evaluators
+of frozen features ('classification') use `features` only, so they also measure a teacher on its
+own (`kivfm.inference.TeacherModel`; `python -m kivfm.evaluate --model=teacher:NAME`).
 """
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import json
 
 from kivfm import paths
 from kivfm.errors import ConfigError
+from kivfm.evals.classification import Classification
 from kivfm.evals.report import InheritanceReport
 
-EVALUATORS = {'report': InheritanceReport}
+EVALUATORS = {'report': InheritanceReport, 'classification': Classification}
 
 
 def validate(evals) -> None:
