@@ -102,6 +102,11 @@ def test_evaluate_a_run_and_a_teacher_with_a_protocol(tmp_path, monkeypatch):
   assert results['images']['train'] == 200 and results['images']['size'] == 98
   assert set(results['knn']) == {'k10', 'k20'}
   assert json.loads((tmp_path / 'eval' / 'fashion_mnist.json').read_text()) == record
+  segmentation = evaluate.run(config_lib.load('configs/eval/pasted_segmentation.py:tiny'),
+                              'pasted_segmentation', str(tmp_path))
+  results = segmentation['results']['semantic_segmentation']
+  assert results['images'] == {'train': 32, 'test': 16, 'size': 98, 'feature_grid': [4, 4]}
+  assert 0 < results['miou'] <= 1 and 0 < results['pixel_accuracy'] <= 1
 
   result = subprocess.run(
       [sys.executable, '-m', 'kivfm.evaluate', f'--config={TINY}', f'--workdir={tmp_path}',
@@ -117,3 +122,75 @@ def test_evaluate_a_run_and_a_teacher_with_a_protocol(tmp_path, monkeypatch):
 def test_a_wrong_model_is_named(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="--model='dino': use student or teacher:"):
     evaluate.load_model('dino', str(tmp_path), None, 32, 'random')
+
+
+# ------------------------------------------------------------------------ segmentation
+
+
+@needs_fashion
+def test_pasted_objects_are_deterministic_with_consistent_ground_truth():
+  from kivfm.data import pasted
+  source = pasted.PastedObjects(6, 'train', size=64)
+  for i in range(len(source)):
+    a, b = source[i], source[i]
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+    assert a['image'].shape == (64, 64, 3) and a['label'].shape == (64, 64)
+    assert len(a['classes']) == len(a['masks']) == len(a['boxes'])
+    for cls, mask, box in zip(a['classes'], a['masks'], a['boxes']):
+      assert 1 <= cls < pasted.NUM_CLASSES and mask.sum() >= pasted.MIN_PIXELS
+      assert (a['label'][mask] == cls).all()
+      y0, x0, y1, x1 = box.astype(int)
+      assert mask[y0:y1, x0:x1].sum() == mask.sum()                 # the box holds the mask
+      assert mask[y0].any() and mask[y1 - 1].any() and mask[:, x0].any() and mask[:, x1 - 1].any()
+    assert not (a['masks'].sum(axis=0) > 1).any()                   # occlusion: one owner
+  assert not np.array_equal(source[0]['image'], pasted.PastedObjects(1, 'test', size=64)[0]['image'])
+  boxes = pasted.mask_boxes(np.pad(np.ones((1, 2, 3), bool), ((0, 0), (1, 4), (5, 0))))
+  np.testing.assert_array_equal(boxes, [[1, 5, 3, 8]])
+
+
+@pytest.fixture(scope='module')
+def pairs(tmp_path_factory):
+  """ADE20K layout: images/ and annotations/; red squares (class 2 in the PNG), blue squares
+  (class 3), black elsewhere (class 1) and a corner labelled 0 (ignored with reduce_zero_label)."""
+  root = tmp_path_factory.mktemp('pairs')
+  (root / 'images').mkdir()
+  (root / 'annotations').mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(8):
+    image = np.zeros((24, 24, 3), np.uint8)
+    label = np.ones((24, 24), np.uint8)
+    for channel, cls in ((0, 2), (2, 3)):
+      top, left = rng.integers(0, 16, size=2)
+      image[top:top + 8, left:left + 8] = 0
+      image[top:top + 8, left:left + 8, channel] = 255
+      label[top:top + 8, left:left + 8] = cls
+    label[:2, :2] = 0
+    Image.fromarray(image).save(root / 'images' / f'{i}.png')
+    Image.fromarray(label).save(root / 'annotations' / f'{i}.png')
+  return str(root)
+
+
+class Pixels:
+  """A 'model' whose patch features are its pixels (a 24 x 24 grid of RGB)."""
+
+  @staticmethod
+  def features(images):
+    x = np.asarray(images, np.float32) / 255
+    return {'cls': x.mean(axis=(1, 2)), 'patches': x}
+
+
+def test_a_linear_head_on_separable_pixels_segments_perfectly(pairs):
+  from kivfm.evals import semantic
+  config = config_lib.defaults()
+  config.evals.s = config_lib.evaluator(
+      'semantic_segmentation', train=f'pairs:{pairs}', test=f'pairs:{pairs}', max_train=0,
+      max_test=0, image_size=24, num_classes=3, reduce_zero_label=True, steps=200, lr=0.1,
+      batch_size=4)
+  evaluator = semantic.SemanticSegmentation(config.evals.s, config)
+  assert set(np.unique(evaluator.train[1])) == {0, 1, 2, 255}
+  results = evaluator.evaluate(Pixels())
+  assert results['miou'] == 1.0 and results['pixel_accuracy'] == 1.0
+  assert results['per_class_iou'] == [1.0, 1.0, 1.0]
+  with pytest.raises(config_lib.ConfigError, match="source 'ade20k': use pasted:SPLIT or pairs"):
+    semantic.labelled_maps('ade20k', 1, 24, config.data)

@@ -22,8 +22,10 @@ from kivfm import paths
 from kivfm.errors import ConfigError
 from kivfm.evals.classification import Classification
 from kivfm.evals.report import InheritanceReport
+from kivfm.evals.semantic import SemanticSegmentation
 
-EVALUATORS = {'report': InheritanceReport, 'classification': Classification}
+EVALUATORS = {'report': InheritanceReport, 'classification': Classification,
+              'semantic_segmentation': SemanticSegmentation}
 
 
 def validate(evals) -> None:
