@@ -201,43 +201,6 @@ def test_box_iou_by_hand():
   np.testing.assert_allclose(seg.box_iou(a, b), [[1 / 7, 1, 0, 0], [0, 1 / 4, 0, 0]])
 
 
-def test_average_precision_by_hand():
-  gt = np.array([[0, 0, 10, 10], [20, 20, 30, 30]], np.float64)
-  assert seg.average_precision(gt, np.array([0.9, 0.8]), gt) == 1.0
-  # One GT; a false positive ranked first, then the true positive: precision 1/2 at every
-  # recall point (monotone envelope) -> AP 0.5.
-  one = gt[:1]
-  fp_first = np.array([[50, 50, 60, 60], [0, 0, 10, 10]], np.float64)
-  assert seg.average_precision(fp_first, np.array([0.9, 0.8]), one) == pytest.approx(0.5)
-  # Two GT, ranks TP, FP, TP: precision 1 for recall <= .5 (51 points), 2/3 above (50 points).
-  dets = np.array([[0, 0, 10, 10], [50, 50, 60, 60], [20, 20, 30, 30]], np.float64)
-  assert seg.average_precision(dets, np.array([0.9, 0.8, 0.7]), gt) == pytest.approx(
-      (51 + 50 * 2 / 3) / 101)
-  # Only one of two GT found: recall 0.5 -> 51 of 101 recall points.
-  assert seg.average_precision(gt[:1], np.array([1.0]), gt) == pytest.approx(51 / 101)
-  # IoU 0.62 is a match at thresholds .50, .55, .60 only -> 3 of 10 COCO thresholds.
-  ap, per_t = seg.average_precision(np.array([[0, 0, 10, 6.2]]), np.array([1.0]), one,
-                                    return_per_threshold=True)
-  np.testing.assert_allclose(per_t, [1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
-  assert ap == pytest.approx(0.3)
-  # Greedy by score, not by IoU: A (score .9, IoU .6) takes the GT at t=.5 and B (IoU 1) is a
-  # duplicate; at t=.65 A misses, so B matches after a false positive -> 0.5.
-  two = np.array([[0, 0, 10, 6], [0, 0, 10, 10]], np.float64)
-  scores = np.array([0.9, 0.8])
-  assert seg.average_precision(two, scores, one, iou_thresholds=(0.5,)) == 1.0
-  assert seg.average_precision(two, scores, one, iou_thresholds=(0.65,)) == pytest.approx(0.5)
-  # Several images (lists), one with no detections; max_detections drops the lower score.
-  assert seg.average_precision([gt, np.zeros((0, 4))], [np.array([.9, .8]), np.zeros(0)],
-                               [gt, one]) == pytest.approx(67 / 101)  # recall 2/3
-  assert seg.average_precision(gt, np.array([0.9, 0.8]), gt,
-                               max_detections=1) == pytest.approx(51 / 101)
-  assert np.isnan(seg.average_precision(gt, np.array([0.9, 0.8]), np.zeros((0, 4))))
-  # Masks: perfect predictions -> 1.
-  masks = np.zeros((2, 8, 8), bool)
-  masks[0, :4, :4] = masks[1, 5:, 5:] = True
-  assert seg.average_precision(masks, np.array([0.3, 0.4]), masks, kind='mask') == 1.0
-
-
 # ----------------------------------------------------------------- real VOC annotations
 
 
@@ -266,18 +229,6 @@ def test_voc_mask_iou(voc):
   pairwise = seg.mask_iou(shifted, masks)
   np.testing.assert_allclose(np.diag(pairwise), ref, rtol=0, atol=1e-15)
   np.testing.assert_allclose(np.diag(seg.mask_iou(masks, masks)), 1.0)
-
-
-def test_voc_ground_truth_as_predictions_gives_ap_1(voc):
-  boxes, masks, labels = voc['bboxes'], voc['masks'], voc['labels']
-  scores = np.linspace(1.0, 0.1, len(boxes))
-  assert seg.average_precision(boxes, scores, boxes) == 1.0
-  assert seg.average_precision(masks, scores, masks, kind='mask') == 1.0
-  assert seg.mean_average_precision(boxes, scores, labels, boxes, labels) == 1.0
-  # Dropping half the predictions caps recall: AP = (#recall points <= recall) / 101.
-  keep = len(boxes) // 2
-  want = np.sum(seg.RECALL_POINTS <= keep / len(boxes)) / 101
-  assert seg.average_precision(boxes[:keep], scores[:keep], boxes) == pytest.approx(want)
 
 
 def test_voc_semantic_miou(voc):

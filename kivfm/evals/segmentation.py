@@ -1,4 +1,4 @@
-"""Segmentation and detection metrics: binary / per-class IoU, box and mask IoU, COCO-style AP.
+"""Segmentation metrics: binary / per-class IoU, box and mask IoU (COCO AP: `kivfm.evals.coco`).
 
 Conventions
 - Masks: bool arrays are used as is; any other dtype is binarised with `x > threshold`.
@@ -7,19 +7,11 @@ Conventions
 - Boxes are [..., 4] corner boxes (lo0, lo1, hi0, hi1): (x1, y1, x2, y2) or (y1, x1, y2, x2),
   as long as both sides use the same order. Continuous coordinates: area = (hi0-lo0)*(hi1-lo1),
   no +1. Pairs with an empty union have IoU 0.
-- AP (COCO): detections of all images are ranked by score (stable sort: ties keep image order,
-  then input order), at most `max_detections` per image; at each IoU threshold t a detection is
-  matched greedily, in rank order, to the still-unmatched ground truth of its image with the
-  highest IoU >= t (equal IoUs: the lower ground-truth index); precision is made monotone and
-  read at 101 recall points 0, 0.01, ..., 1 (0 beyond the maximum recall); AP is the mean over
-  recall points and thresholds. No crowd / area-range handling. No ground truth -> nan.
 """
 from __future__ import annotations
 
 import numpy as np
 
-COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)  # the same floats as pycocotools
-RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
 
 def _binary(mask, threshold: float) -> np.ndarray:
@@ -122,97 +114,3 @@ def mask_iou(masks_a, masks_b, *, threshold: float = 0.5) -> np.ndarray:
   inter = a.astype(np.float64) @ b.astype(np.float64).T
   union = a.sum(axis=1)[:, None] + b.sum(axis=1)[None, :] - inter
   return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
-# ------------------------------------------------------------------------ average precision
-
-
-def _per_image(x) -> list:
-  """A list / tuple holds one entry per image; anything else is one image's array."""
-  return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _interpolated_ap(is_tp: np.ndarray, num_gt: int) -> float:
-  """101-point AP from rank-ordered true-positive flags."""
-  if len(is_tp) == 0:
-    return 0.0
-  tp = np.cumsum(is_tp, dtype=np.float64)
-  fp = np.cumsum(~is_tp, dtype=np.float64)
-  recall = tp / num_gt
-  precision = tp / np.maximum(tp + fp, np.finfo(np.float64).tiny)
-  precision = np.maximum.accumulate(precision[::-1])[::-1]  # monotone envelope
-  idx = np.searchsorted(recall, RECALL_POINTS, side='left')
-  values = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
-  return float(values.mean())
-
-
-def average_precision(pred, scores, gt, *, iou_thresholds=COCO_IOU_THRESHOLDS,
-                      kind: str = 'box', max_detections: int | None = 100,
-                      return_per_threshold: bool = False):
-  """COCO-style AP of one class (see the module docstring for the exact protocol).
-
-  pred / scores / gt: one image's arrays (boxes [D, 4] or masks [D, H, W], scores [D],
-  ground truth [G, 4] / [G, H, W]), or lists / tuples of them with one entry per image (so a
-  single image must be given as arrays, not nested Python lists).
-  kind: 'box' or 'mask'. iou_thresholds: e.g. (0.5,) for AP50; default COCO 0.50:0.05:0.95.
-  With `return_per_threshold`, returns (AP, AP per threshold [T]).
-  """
-  if kind not in ('box', 'mask'):
-    raise ValueError(f"kind must be 'box' or 'mask', got {kind!r}")
-  iou_fn = box_iou if kind == 'box' else mask_iou
-  preds, scores, gts = _per_image(pred), _per_image(scores), _per_image(gt)
-  if not len(preds) == len(scores) == len(gts):
-    raise ValueError('pred, scores and gt must list the same number of images')
-  thresholds = np.minimum(np.asarray(iou_thresholds, np.float64).reshape(-1), 1 - 1e-10)
-  num_t = len(thresholds)
-  all_scores, all_tp, num_gt = [], [], 0
-  for p, s, g in zip(preds, scores, gts):
-    s = np.asarray(s, np.float64).reshape(-1)
-    p, g = np.asarray(p), np.asarray(g)
-    if (len(p) if p.ndim else 0) != len(s):
-      raise ValueError(f'{len(s)} scores for {len(p) if p.ndim else 0} detections')
-    order = np.argsort(-s, kind='stable')
-    if max_detections is not None:
-      order = order[:max_detections]
-    p = p[order]
-    num_g = len(g) if g.ndim else 0
-    num_gt += num_g
-    tp = np.zeros((len(order), num_t), bool)
-    if len(order) and num_g:
-      ious = iou_fn(p, g)  # [D, G]
-      matched = np.zeros((num_t, num_g), bool)
-      for d in range(len(order)):
-        cand = np.where(matched | (ious[d][None, :] < thresholds[:, None]), -1.0,
-                        ious[d][None, :])  # [T, G]
-        best = np.argmax(cand, axis=1)
-        hit = cand[np.arange(num_t), best] >= 0
-        matched[np.arange(num_t)[hit], best[hit]] = True
-        tp[d] = hit
-    all_scores.append(s[order])
-    all_tp.append(tp)
-  if num_gt == 0:
-    per_t = np.full(num_t, np.nan)
-  else:
-    s = np.concatenate(all_scores)
-    tp = np.concatenate(all_tp, axis=0)
-    rank = np.argsort(-s, kind='stable')
-    per_t = np.array([_interpolated_ap(tp[rank, i], num_gt) for i in range(num_t)])
-  ap = float(per_t.mean())
-  return (ap, per_t) if return_per_threshold else ap
-
-
-def mean_average_precision(pred, scores, pred_classes, gt, gt_classes, **kwargs) -> float:
-  """Mean over classes with ground truth of `average_precision` (COCO's mAP: classes without
-  ground truth are excluded). Arguments as in `average_precision`, plus per-detection and
-  per-ground-truth class ids (same nesting as `scores`)."""
-  preds, scores, gts = _per_image(pred), _per_image(scores), _per_image(gt)
-  pcls = [np.asarray(c).reshape(-1) for c in _per_image(pred_classes)]
-  gcls = [np.asarray(c).reshape(-1) for c in _per_image(gt_classes)]
-  classes = np.unique(np.concatenate(gcls)) if gcls else np.zeros((0,), int)
-  aps = []
-  for c in classes:
-    aps.append(average_precision(
-        [np.asarray(p)[pc == c] for p, pc in zip(preds, pcls)],
-        [np.asarray(s).reshape(-1)[pc == c] for s, pc in zip(scores, pcls)],
-        [np.asarray(g)[gc == c] for g, gc in zip(gts, gcls)], **kwargs))
-  return float(np.mean(aps)) if aps else float('nan')
