@@ -21,11 +21,12 @@ import json
 from kivfm import paths
 from kivfm.errors import ConfigError
 from kivfm.evals.classification import Classification
+from kivfm.evals.detection import Detection
 from kivfm.evals.report import InheritanceReport
 from kivfm.evals.semantic import SemanticSegmentation
 
 EVALUATORS = {'report': InheritanceReport, 'classification': Classification,
-              'semantic_segmentation': SemanticSegmentation}
+              'semantic_segmentation': SemanticSegmentation, 'detection': Detection}
 
 
 def validate(evals) -> None:

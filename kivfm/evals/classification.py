@@ -18,6 +18,7 @@ import numpy as np
 
 from kivfm.data import examples, images, sources
 from kivfm.evals import knn, linear_probe
+from kivfm.evals.frozen import TrainTest
 from kivfm.evals.report import batched
 
 
@@ -69,7 +70,7 @@ def probe(train, train_y, test, test_y, options) -> dict:
   return {'accuracy': accuracy, 'weight_decay': best, 'held_out_accuracy': sweep}
 
 
-class Classification:
+class Classification(TrainTest):
   """kNN and linear-probe accuracy of a model's frozen features (see the module docstring)."""
 
   DEFAULTS = dict(
@@ -87,17 +88,11 @@ class Classification:
       batch_size=64,
   )
 
-  def __init__(self, options, config):
-    self.options = options
-    size = options.image_size or config.data.image_size
-    self.train = labelled_images(options.train, config.data, options.max_train, size)
-    self.test = labelled_images(options.test, config.data, options.max_test, size)
-    if self.train[2] or self.test[2]:
-      logging.warning('classification: skipped %d bad train and %d bad test records',
-                      self.train[2], self.test[2])
-
-  def start(self, model) -> None:
-    del model
+  def _read(self, spec, limit, size, data):
+    pixels, labels, bad = labelled_images(spec, data, limit, size)
+    if bad:
+      logging.warning('classification: skipped %d bad records of %s', bad, spec)
+    return pixels, labels, bad
 
   def evaluate(self, model) -> dict:
     o = self.options

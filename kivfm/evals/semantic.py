@@ -23,8 +23,7 @@ from PIL import Image
 from kivfm.data import images, pasted
 from kivfm.errors import ConfigError
 from kivfm.evals import segmentation
-from kivfm.evals.linear_probe import standardize
-from kivfm.evals.report import batched
+from kivfm.evals.frozen import TrainTest, standardized_patches
 
 
 def _pairs(root: str, limit: int, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +98,7 @@ def predict(params, feats, size: int, batch: int) -> np.ndarray:
                          for i in range(0, len(feats), batch)])
 
 
-class SemanticSegmentation:
+class SemanticSegmentation(TrainTest):
   """mIoU of a linear head on frozen patch features (see the module docstring)."""
 
   DEFAULTS = dict(
@@ -118,30 +117,16 @@ class SemanticSegmentation:
       batch_size=32,
   )
 
-  def __init__(self, options, config):
-    self.options = options
-    size = options.image_size or config.data.image_size
-    self.train = self._read(options.train, options.max_train, size, config.data)
-    self.test = self._read(options.test, options.max_test, size, config.data)
-
   def _read(self, spec, limit, size, data):
     pixels, labels = labelled_maps(spec, limit, size, data)
     if self.options.reduce_zero_label:
       labels = np.where(labels == 0, self.options.ignore_index, labels - 1)
     return pixels, labels
 
-  def start(self, model) -> None:
-    del model
-
   def evaluate(self, model) -> dict:
     o = self.options
     (train_x, train_y), (test_x, test_y) = self.train, self.test
-    patches = lambda x: batched(lambda b: model.features(b)['patches'], x, o.batch_size)
-    train_f, test_f = patches(train_x), patches(test_x)
-    shape = lambda f, n: f.reshape(n, *train_f.shape[1:])
-    flat_train, flat_test = standardize(train_f.reshape(-1, train_f.shape[-1]),
-                                        test_f.reshape(-1, test_f.shape[-1]))
-    train_f, test_f = shape(flat_train, len(train_x)), shape(flat_test, len(test_x))
+    train_f, test_f = standardized_patches(model, train_x, test_x, o.batch_size)
     params, loss = fit_linear_head(train_f, train_y, o.num_classes, o)
     pred = predict(params, test_f, test_y.shape[-1], o.batch_size)
     miou, per_class = segmentation.mean_iou(pred, test_y, o.num_classes, o.ignore_index,
