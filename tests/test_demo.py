@@ -74,6 +74,12 @@ def test_readme_main_job_from_empty_caches(tmp_path):
   assert report['fidelity']['dino']['after']['patches'] > report['fidelity']['dino'][
       'before']['patches']
   assert (run / 'eval' / 'curves.png').stat().st_size > 10_000
+  assert set(report['feature_norms']) == {'dino', 'effnet'}
+  assert all(n['teacher'] > 0 and n['student'] > 0 for n in report['feature_norms'].values())
+  pca = Image.open(run / 'eval' / 'pca.png')   # 6 photos x (image + student + 2 x 2 teachers)
+  assert pca.size == (96 * 6, 96 * 6)
+  markdown = (run / 'eval' / 'report.md').read_text()
+  assert '| student |' in markdown and '![PCA of patch features](pca.png)' in markdown
   assert 'raw_pixels' in proc.stdout and 'saliency_iou/dino' in proc.stdout
 
 

@@ -240,3 +240,16 @@ def test_voc_semantic_miou(voc):
     a, b = label == c, shifted == c
     ious.append((a & b).sum() / (a | b).sum())
   assert seg.mean_iou(shifted, label, num_classes=21) == pytest.approx(np.mean(ious), abs=1e-14)
+
+
+def test_pca_pictures_by_hand():
+  """Features varying along one channel only: red follows it (percentile-scaled, the largest
+  value brightest), green and blue carry no variance."""
+  from kivfm.evals.report import pca_rgb
+  x = np.zeros((2, 3, 4, 5))
+  x[..., 1] = -np.arange(24).reshape(2, 3, 4) ** 2       # largest magnitude: the last patch
+  out = pca_rgb(x)
+  assert out.shape == (2, 3, 4, 3) and out.dtype == np.uint8
+  red = out[..., 0].ravel().astype(int)
+  assert red[0] == 0 and red[-1] == 255 and (np.diff(red) >= 0).all()
+  assert (out[..., 1:] == out[0, 0, 0, 1:]).all()

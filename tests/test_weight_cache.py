@@ -127,7 +127,7 @@ def test_training_run_converts_from_an_empty_cache(cases, references, tmp_path, 
   monkeypatch.setenv('KIVFM_CACHE', str(tmp_path))
   config = config_lib.load('configs/base.py:smoke')
   config.mesh.shape = (2, 2, 2)
-  config.teachers.effnet = config_lib.teacher('efficientnet-lite0', dtype='float32')
+  config.teachers.effnet = config_lib.teacher('efficientnet-lite0', dtype='float32', image_size=64)
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
     teacher_set = assembly.build_teachers(config, mesh)

@@ -7,7 +7,11 @@ scikit-image / scikit-learn), never on the distillation stream:
     `probe_test` test images;
   * top-1 agreement of the student through each classifier teacher's own head with that teacher;
   * saliency-mask IoU (threshold 0.5) of the student through each saliency head with the teacher;
-  * per-teacher fidelity (cosine in the teacher's own space) before and after training.
+  * per-teacher fidelity (cosine in the teacher's own space) before and after training, and the
+    mean patch-feature norm of each teacher and of the student's prediction of it;
+  * pictures: the first three principal components of the patch features of the student, each
+    teacher and the student's prediction of each teacher, as RGB, on the offline photos.
+Written as DIR/eval/report.json, report.md (tables + pictures), curves.png and pca.png.
 """
 from __future__ import annotations
 
@@ -65,6 +69,39 @@ def fidelities(student, images: np.ndarray, batch: int) -> dict:
   return out
 
 
+def pca_rgb(patches: np.ndarray) -> np.ndarray:
+  """uint8 [N, h, w, 3]: patch features [N, h, w, D] projected on their first three principal
+  components (fit on all N images together), each scaled from its 1st to 99th percentile."""
+  flat = np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])
+  centred = flat - flat.mean(axis=0)
+  _, _, components = np.linalg.svd(centred, full_matrices=False)
+  projected = centred @ components[:3].T
+  largest = projected[np.abs(projected).argmax(axis=0), np.arange(projected.shape[1])]
+  projected *= np.where(largest < 0, -1, 1)   # sign convention: the largest entry is positive
+  lo, hi = np.percentile(projected, [1, 99], axis=0)
+  rgb = np.clip((projected - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
+  rgb = np.pad(rgb, ((0, 0), (0, 3 - rgb.shape[1])))     # fewer than 3 channels: black
+  return (rgb * 255).round().astype(np.uint8).reshape(*patches.shape[:-1], 3)
+
+
+def pictures(student, images: np.ndarray, batch: int) -> dict:
+  """name -> uint8 [N, h, w, 3] PCA pictures of the patch features of the student, each
+  teacher ('<alias>') and the student's prediction of it ('student as <alias>')."""
+  out = {'student': batched(lambda x: student.features(x)['patches'], images, batch)}
+  for alias in student.teachers:
+    out[alias] = batched(lambda x: student.teacher(alias)(x)['patches'], images, batch)
+    out[f'student as {alias}'] = batched(lambda x: student.as_teacher(alias)(x)['patches'],
+                                         images, batch)
+  return {name: pca_rgb(patches) for name, patches in out.items()}
+
+
+def feature_norms(student, images: np.ndarray, batch: int) -> dict:
+  """alias -> mean L2 norm of patch features: the teacher's and the student's prediction."""
+  norm = lambda fn: float(np.linalg.norm(batched(fn, images, batch)['patches'], axis=-1).mean())
+  return {alias: {'teacher': norm(student.teacher(alias)),
+                  'student': norm(student.as_teacher(alias))} for alias in student.teachers}
+
+
 def _probes(train, test, train_y, test_y, k: int) -> dict:
   return {'knn': knn.knn_accuracy(train, train_y, test, test_y, k=k),
           'linear': linear_probe.linear_probe_accuracy(train, train_y, test, test_y)}
@@ -101,6 +138,7 @@ def evaluate(options, student, images: dict, held_out: np.ndarray, fidelity_befo
       'probes': probes,
       'heads': heads,
       'fidelity': {a: {'before': fidelity_before[a], 'after': after[a]} for a in after},
+      'feature_norms': feature_norms(student, held_out, b),
   }
 
 
@@ -112,6 +150,7 @@ class InheritanceReport:
       probe_test=1000,                # Fashion-MNIST test images the probes are scored on
       knn_k=20,
       head_images=256,                # test images (+ the offline photos) for heads / fidelity
+      pictures=6,                     # offline photos shown in pca.png
       batch_size=64,
   )
 
@@ -119,6 +158,7 @@ class InheritanceReport:
     self.options = options
     self.images = held_out_images(options, config.data.fashion_mnist_dir, config.data.image_size)
     self.before = None
+    self.pictures = {}
 
   def head_images(self) -> np.ndarray:
     test = self.images['test'][0][:self.options.head_images]
@@ -131,12 +171,17 @@ class InheritanceReport:
     if self.before is None:
       raise RuntimeError('the inheritance report compares with the untrained student: call '
                          'start(student) before training')
+    self.pictures = pictures(student, self.images['photos'][:self.options.pictures],
+                             self.options.batch_size)
     return evaluate(self.options, student, self.images, self.head_images(), self.before)
 
   def write(self, results: dict, workdir: str) -> None:
     directory = paths.path(workdir) / 'eval'
     plot_curves(paths.path(workdir) / 'metrics.jsonl', directory / 'curves.png')
-    print(table(results), f'\n(report and curves in {directory})', flush=True)
+    images = self.images['photos'][:self.options.pictures]
+    (directory / 'pca.png').write_bytes(picture_grid(images, self.pictures))
+    paths.write_text_atomic(directory / 'report.md', markdown(results, list(self.pictures)))
+    print(table(results), f'\n(report.md, curves and pictures in {directory})', flush=True)
 
 
 def table(report: dict) -> str:
@@ -151,6 +196,40 @@ def table(report: dict) -> str:
                  f'{f["after"]["patches"]:.3f}   cls {f["before"]["cls"]:.3f} -> '
                  f'{f["after"]["cls"]:.3f}')
   return '\n'.join(lines)
+
+
+def markdown(report: dict, picture_names: list[str]) -> str:
+  """The report as Markdown: tables, then the curves and the PCA pictures."""
+  lines = ['# Inheritance report', '',
+           f'Probes: {report["probe_sizes"]["train"]} train / {report["probe_sizes"]["test"]} '
+           f'test images; heads, fidelity and norms: {report["held_out_images"]} held-out images.',
+           '', '| features | kNN | linear probe |', '|---|---|---|']
+  lines += [f'| {name} | {acc["knn"]:.3f} | {acc["linear"]:.3f} |'
+            for name, acc in report['probes'].items()]
+  lines += ['', '| through the student | value |', '|---|---|']
+  lines += [f'| {name} | {value:.3f} |' for name, value in report['heads'].items()]
+  lines += ['', '| teacher | fidelity patches (before -> after) | fidelity global | '
+            'patch norm: teacher / student |', '|---|---|---|---|']
+  for alias, f in report['fidelity'].items():
+    n = report['feature_norms'][alias]
+    lines.append(f'| {alias} | {f["before"]["patches"]:.3f} -> {f["after"]["patches"]:.3f} | '
+                 f'{f["before"]["cls"]:.3f} -> {f["after"]["cls"]:.3f} | '
+                 f'{n["teacher"]:.3g} / {n["student"]:.3g} |')
+  lines += ['', '![training curves](curves.png)', '',
+            'First three principal components of the patch features (columns: image, '
+            + ', '.join(picture_names) + '):', '', '![PCA of patch features](pca.png)', '']
+  return '\n'.join(lines)
+
+
+def picture_grid(images: np.ndarray, pictures: dict, cell: int = 96) -> bytes:
+  """PNG: one row per image, columns = the image and each PCA picture (nearest upsampling)."""
+  resize = lambda x, method: np.asarray(Image.fromarray(x).resize((cell, cell), method))
+  rows = [np.concatenate([resize(image, Image.BILINEAR)] +
+                         [resize(pictures[name][i], Image.NEAREST) for name in pictures], axis=1)
+          for i, image in enumerate(images)]
+  buffer = io.BytesIO()
+  Image.fromarray(np.concatenate(rows, axis=0)).save(buffer, 'PNG')
+  return buffer.getvalue()
 
 
 def png_bytes(fig) -> bytes:
