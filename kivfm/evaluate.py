@@ -35,7 +35,7 @@ def load_model(model: str, workdir: str, step: int | None, image_size: int, weig
     teacher = teachers.build(name, image_size=image_size, dtype=jnp.float32)
   else:
     teacher = teachers.load(name, weights=weights, image_size=image_size, dtype=jnp.float32)
-  return inference.TeacherModel(teacher)
+  return inference.TeacherModel(name, teacher)
 
 
 def result_name(protocol: str, model: str) -> str:

@@ -58,13 +58,18 @@ class Inherited:
 
 
 class TeacherModel:
-  """A teacher on its own with a student's `features` (frozen-feature baselines)."""
+  """A teacher on its own with a student's `features`, `teachers` and `teacher(alias)`
+  (baselines of the evaluators)."""
 
-  def __init__(self, teacher):
-    self.teacher = teacher
+  def __init__(self, name: str, teacher):
+    self.teachers = {name: teacher}
 
   def features(self, images) -> dict:
-    return _run_teacher(self.teacher, images)
+    (teacher,) = self.teachers.values()
+    return _run_teacher(teacher, images)
+
+  def teacher(self, alias: str):
+    return lambda images: _run_teacher(self.teachers[alias], images)
 
 
 def from_run(run: assembly.Run, state: assembly.TrainState) -> Inherited:

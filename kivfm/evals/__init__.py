@@ -24,9 +24,11 @@ from kivfm.evals.classification import Classification
 from kivfm.evals.detection import Detection
 from kivfm.evals.report import InheritanceReport
 from kivfm.evals.semantic import SemanticSegmentation
+from kivfm.evals.zero_shot import ZeroShot
 
 EVALUATORS = {'report': InheritanceReport, 'classification': Classification,
-              'semantic_segmentation': SemanticSegmentation, 'detection': Detection}
+              'semantic_segmentation': SemanticSegmentation, 'detection': Detection,
+              'zero_shot': ZeroShot}
 
 
 def validate(evals) -> None:

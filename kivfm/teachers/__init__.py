@@ -172,6 +172,23 @@ def _write_cached(path: Path, params: dict) -> None:
   logging.info('cached at %s (%.0f MB)', path, path.stat().st_size / 1e6)
 
 
+def weight_file(spec: registry.TeacherSpec, weights: str = 'pretrained') -> Path:
+  """The local file of `weights` ('pretrained': the registry source, fetched and checksum-
+  verified; else a path)."""
+  if weights != 'pretrained':
+    return WeightSource.from_path(weights).resolve()
+  if not spec.sources:
+    raise ValueError(f'teacher {spec.name!r} has no pretrained source; give weights=PATH '
+                     f'(a file in the {spec.converter or spec.family} layout)')
+  source = spec.sources[0]
+  try:
+    return source.resolve()
+  except MissingWeightFileError as error:  # the hint that works at this level: weights=PATH
+    file = os.path.basename(source.file or source.name)
+    raise MissingWeightFileError(f"{error} Or give teacher {spec.name!r} that file directly: "
+                                 f"weights='/path/to/{file}'.") from error
+
+
 def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -> dict:
   """The teacher's parameters as a numpy pure dict {'model': ..., ['head': ...]}.
 
@@ -179,19 +196,7 @@ def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -
   the source's format. Converted parameters are cached in `cache_dir()` (see `converted_path`),
   so later loads skip the conversion.
   """
-  if weights == 'pretrained':
-    if not spec.sources:
-      raise ValueError(f'teacher {spec.name!r} has no pretrained source; give weights=PATH '
-                       f'(a file in the {spec.converter or spec.family} layout)')
-    source = spec.sources[0]
-    try:
-      path = source.resolve()
-    except MissingWeightFileError as error:  # the hint that works at this level: weights=PATH
-      file = os.path.basename(source.file or source.name)
-      raise MissingWeightFileError(f"{error} Or give teacher {spec.name!r} that file directly: "
-                                   f"weights='/path/to/{file}'.") from error
-  else:
-    path = WeightSource.from_path(weights).resolve()
+  path = weight_file(spec, weights)
   cached = converted_path(spec, sha256_of(path))
   params = _read_cached(cached)
   if params is None:

