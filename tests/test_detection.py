@@ -1,13 +1,15 @@
-"""The detection evaluator: targets by hand, decoding of ideal head outputs gives AP 1, and the
-head learns."""
+"""The detection evaluator: targets by hand, decoding of ideal head outputs gives AP 1, the head
+learns; COCO-format sources (RLE and polygons as pycocotools decodes them)."""
+import json
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from kivfm import config as config_lib
-from kivfm.data import offline, pasted
+from kivfm.data import instances, offline, pasted
 from kivfm.evals import coco, detection
 
 needs_fashion = pytest.mark.skipif(not os.path.isdir(offline.FASHION_MNIST_DIR),
@@ -79,3 +81,52 @@ def test_the_head_learns_on_pasted_objects():
   options = config_lib.evaluator('detection', width=16, steps=60, batch_size=8)
   _, last = detection.fit(features, t, pasted.NUM_CLASSES - 1, options)
   assert last < 0.5 * first
+
+
+# ---------------------------------------------------------------------- COCO-format sources
+
+
+def test_rle_and_polygons_decode_like_pycocotools():
+  mask_utils = pytest.importorskip('pycocotools.mask')
+  rng = np.random.default_rng(0)
+  mask = np.zeros((37, 53), np.uint8)
+  mask[5:30, 10:40] = rng.random((25, 30)) > 0.3            # many runs, long and short
+  encoded = mask_utils.encode(np.asfortranarray(mask))
+  compressed = {'size': encoded['size'], 'counts': encoded['counts'].decode()}
+  np.testing.assert_array_equal(instances.rle_mask(compressed), mask.astype(bool))
+  runs = instances.rle_counts(compressed['counts'])
+  np.testing.assert_array_equal(instances.rle_mask({'size': [37, 53], 'counts': runs}), mask)
+  square = [[20, 0, 40, 0, 40, 20, 20, 20]]
+  want = mask_utils.decode(mask_utils.frPyObjects(square, 37, 53))[..., 0].astype(bool)
+  np.testing.assert_array_equal(instances.polygon_mask(square, 37, 53), want)
+  polygon = [[10.0, 5.0, 45.0, 8.0, 40.0, 33.0, 12.0, 28.0]]
+  want = mask_utils.decode(mask_utils.frPyObjects(polygon, 37, 53))[..., 0].astype(bool)
+  got = instances.polygon_mask(polygon, 37, 53)
+  assert (got & want).sum() / (got | want).sum() > 0.99     # rasterisers differ at the edge
+
+
+def test_coco_json_records(tmp_path):
+  """A 40 x 60 image: the centred 40 x 40 square (columns 10..49) resized to 20 px. A polygon
+  rectangle at columns 20..39, rows 0..19 -> box (0, 5, 10, 15) at 20 px; an object outside the
+  square is dropped; crowd annotations are skipped; classes follow sorted category ids."""
+  (tmp_path / 'images').mkdir()
+  Image.fromarray(np.full((40, 60, 3), 200, np.uint8)).save(tmp_path / 'images' / 'a.png')
+  rectangle = [[20, 0, 40, 0, 40, 20, 20, 20]]
+  outside = {'size': [40, 60], 'counts': [40 * 55, 40 * 5]}      # the last 5 columns
+  annotations = {
+      'images': [{'id': 7, 'file_name': 'a.png', 'height': 40, 'width': 60}],
+      'categories': [{'id': 90, 'name': 'b'}, {'id': 3, 'name': 'a'}],
+      'annotations': [
+          {'id': 1, 'image_id': 7, 'category_id': 90, 'segmentation': rectangle, 'iscrowd': 0},
+          {'id': 2, 'image_id': 7, 'category_id': 3, 'segmentation': outside, 'iscrowd': 0},
+          {'id': 3, 'image_id': 7, 'category_id': 3, 'segmentation': rectangle, 'iscrowd': 1}]}
+  (tmp_path / 'ann.json').write_text(json.dumps(annotations))
+  records, classes = instances.open_instances(
+      f'coco:{tmp_path / "ann.json"}:{tmp_path / "images"}', 0, 20, config_lib.defaults().data)
+  assert classes == 2 and len(records) == 1
+  r = records[0]
+  assert r['image'].shape == (20, 20, 3) and r['classes'].tolist() == [2]
+  np.testing.assert_allclose(r['boxes'], [[0, 5, 10, 15]], atol=1)
+  assert (r['label'][r['masks'][0]] == 2).all() and r['label'].sum() == 2 * r['masks'][0].sum()
+  with pytest.raises(config_lib.ConfigError, match="instance source 'coco:x'"):
+    instances.open_instances('coco:x', 0, 20, config_lib.defaults().data)

@@ -7,8 +7,8 @@ heatmap with focal loss, centre offset and box size with L1) and a YOLACT-style 
 (`prototypes` mask prototypes, per-centre coefficients, binary cross-entropy inside the box).
 Inference: heatmap peaks (3 x 3 local maxima), the best `max_detections`, boxes from offset and
 size, masks = the prototypes' combination upsampled to the image, cut to the box, > 0.5.
-Scored with COCO box and mask AP (`kivfm.evals.coco`, equal to pycocotools) on 'pasted:SPLIT'
-(`kivfm.data.pasted`).
+Scored with COCO box and mask AP (`kivfm.evals.coco`, equal to pycocotools) on the sources of
+`kivfm.data.instances` ('pasted:SPLIT', 'coco:ANNOTATIONS.json:IMAGE_DIR').
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from kivfm.data import pasted
-from kivfm.errors import ConfigError
+from kivfm.data import instances
 from kivfm.evals import coco
 from kivfm.evals.frozen import TrainTest, standardized_patches
 
@@ -199,12 +198,8 @@ class Detection(TrainTest):
   )
 
   def _read(self, spec, limit, size, data) -> list[dict]:
-    kind, _, split = spec.partition(':')
-    if kind != 'pasted':
-      raise ConfigError(f'detection source {spec!r}: use pasted:SPLIT')
-    source = pasted.PastedObjects(limit, split or 'train', size=size,
-                                  fashion_mnist_dir=data.fashion_mnist_dir)
-    return [source[i] for i in range(len(source))]
+    records, self.num_classes = instances.open_instances(spec, limit, size, data)
+    return records
 
   def evaluate(self, model) -> dict:
     o = self.options
@@ -212,9 +207,8 @@ class Detection(TrainTest):
     train_f, test_f = standardized_patches(model, pixels(self.train), pixels(self.test),
                                            o.batch_size)
     grid = train_f.shape[1] * UPSAMPLE
-    num_classes = pasted.NUM_CLASSES - 1
-    t = targets(self.train, grid, num_classes, o.max_objects)
-    head, loss = fit(train_f, t, num_classes, o)
+    t = targets(self.train, grid, self.num_classes, o.max_objects)
+    head, loss = fit(train_f, t, self.num_classes, o)
     size = self.test[0]['label'].shape[0]
     detections = detect(head, test_f, size, o)
     truth = [{k: r[k] for k in ('boxes', 'masks', 'classes')} for r in self.test]

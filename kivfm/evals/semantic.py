@@ -5,8 +5,9 @@ Patch features [h, w, D] of each image, standardised with train statistics, go t
 linear layer to class logits, which are bilinearly upsampled to the label resolution; the layer
 is trained with AdamW on the pixel cross-entropy (pixels labelled `ignore_index` excluded) for
 `steps` minibatch steps, and scored by mean IoU on the test images.
-Sources: 'pasted:SPLIT' (`kivfm.data.pasted`, generated at `image_size`, exact ground truth) or
-'pairs:ROOT' (ADE20K layout: ROOT/images/NAME.{jpg,png} with ROOT/annotations/NAME.png; with
+Sources: 'pasted:SPLIT' (`kivfm.data.pasted`, generated at `image_size`, exact ground truth),
+'coco:ANNOTATIONS.json:IMAGE_DIR' (instance masks painted into a label map; `kivfm.data.instances`)
+or 'pairs:ROOT' (ADE20K layout: ROOT/images/NAME.{jpg,png} with ROOT/annotations/NAME.png; with
 `reduce_zero_label` label 0 is ignored and the others shift down by one, as for ADE20K).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from kivfm.data import images, pasted
+from kivfm.data import images, instances
 from kivfm.errors import ConfigError
 from kivfm.evals import segmentation
 from kivfm.evals.frozen import TrainTest, standardized_patches
@@ -45,18 +46,18 @@ def _pairs(root: str, limit: int, size: int) -> tuple[np.ndarray, np.ndarray]:
   return np.stack(pixels), np.stack(labels).astype(np.int32)
 
 
-def labelled_maps(spec: str, limit: int, size: int, data) -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images [N, S, S, 3], int32 label maps [N, S, S]) of source `spec`."""
+def labelled_maps(spec: str, limit: int, size: int, data):
+  """(uint8 images [N, S, S, 3], int32 label maps [N, S, S], classes incl. background or None
+  when the source does not say) of source `spec`."""
   kind, _, argument = spec.partition(':')
-  if kind == 'pasted':
-    source = pasted.PastedObjects(limit or 500, argument or 'train', size=size,
-                                  fashion_mnist_dir=data.fashion_mnist_dir)
-    records = [source[i] for i in range(len(source))]
-    return (np.stack([r['image'] for r in records]),
-            np.stack([r['label'] for r in records]))
   if kind == 'pairs' and argument:
-    return _pairs(argument, limit, size)
-  raise ConfigError(f'segmentation source {spec!r}: use pasted:SPLIT or pairs:ROOT')
+    return (*_pairs(argument, limit, size), None)
+  if kind not in ('pasted', 'coco'):
+    raise ConfigError(f'segmentation source {spec!r}: use pasted:SPLIT, '
+                      f'coco:ANNOTATIONS.json:IMAGE_DIR or pairs:ROOT')
+  records, objects = instances.open_instances(spec, limit, size, data)
+  return (np.stack([r['image'] for r in records]), np.stack([r['label'] for r in records]),
+          1 + objects)
 
 
 def _logits(params, feats, size: int):
@@ -104,10 +105,10 @@ class SemanticSegmentation(TrainTest):
   DEFAULTS = dict(
       train='pasted:train',           # source spec of the training images and label maps
       test='pasted:test',
-      max_train=300,                  # images (0: all of a 'pairs' folder; 500 for 'pasted')
+      max_train=300,                  # images (0: all of a folder or file; 500 of 'pasted')
       max_test=100,
       image_size=0,                   # side of images and label maps (0: the view size)
-      num_classes=pasted.NUM_CLASSES,
+      num_classes=0,                  # 0: from the source (pasted, coco: 1 + object classes)
       ignore_index=255,
       reduce_zero_label=False,        # ADE20K: 0 -> ignore_index, the rest minus 1
       steps=300,
@@ -118,18 +119,22 @@ class SemanticSegmentation(TrainTest):
   )
 
   def _read(self, spec, limit, size, data):
-    pixels, labels = labelled_maps(spec, limit, size, data)
+    pixels, labels, classes = labelled_maps(spec, limit, size, data)
     if self.options.reduce_zero_label:
       labels = np.where(labels == 0, self.options.ignore_index, labels - 1)
+    self.num_classes = self.options.num_classes or classes
+    if not self.num_classes:
+      raise ConfigError(f'segmentation source {spec!r} does not name its classes: set the '
+                        f'evaluator option num_classes')
     return pixels, labels
 
   def evaluate(self, model) -> dict:
     o = self.options
     (train_x, train_y), (test_x, test_y) = self.train, self.test
     train_f, test_f = standardized_patches(model, train_x, test_x, o.batch_size)
-    params, loss = fit_linear_head(train_f, train_y, o.num_classes, o)
+    params, loss = fit_linear_head(train_f, train_y, self.num_classes, o)
     pred = predict(params, test_f, test_y.shape[-1], o.batch_size)
-    miou, per_class = segmentation.mean_iou(pred, test_y, o.num_classes, o.ignore_index,
+    miou, per_class = segmentation.mean_iou(pred, test_y, self.num_classes, o.ignore_index,
                                             return_per_class=True)
     return {'images': {'train': len(train_x), 'test': len(test_x), 'size': int(test_y.shape[-1]),
                        'feature_grid': list(train_f.shape[1:3])},
