@@ -248,8 +248,10 @@ def test_pca_pictures_by_hand():
   from kivfm.evals.report import pca_rgb
   x = np.zeros((2, 3, 4, 5))
   x[..., 1] = -np.arange(24).reshape(2, 3, 4) ** 2       # largest magnitude: the last patch
-  out = pca_rgb(x)
+  out, = pca_rgb(x)
   assert out.shape == (2, 3, 4, 3) and out.dtype == np.uint8
   red = out[..., 0].ravel().astype(int)
   assert red[0] == 0 and red[-1] == 255 and (np.diff(red) >= 0).all()
   assert (out[..., 1:] == out[0, 0, 0, 1:]).all()
+  first, second = pca_rgb(x[:1], x[1:])                 # one PCA of both: the same colours
+  np.testing.assert_array_equal(np.concatenate([first, second]), out)

@@ -59,20 +59,25 @@ def batched(fn, images: np.ndarray, batch: int) -> dict:
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
-def fidelities(student, images: np.ndarray, batch: int) -> dict:
-  """alias -> {'patches', 'cls'} cosine fidelity of the student's prediction of the teacher."""
+def fidelities(student, images: np.ndarray, batch: int, norms: dict | None = None) -> dict:
+  """alias -> {'patches', 'cls'} cosine fidelity of the student's prediction of the teacher;
+  `norms`, when given, receives alias -> mean patch-feature norm {'teacher', 'student'}."""
   out = {}
   for alias in student.teachers:
     want = batched(student.teacher(alias), images, batch)
     got = batched(student.as_teacher(alias), images, batch)
     out[alias] = {k: fidelity.cosine_fidelity(got[k], want[k]) for k in ('patches', 'cls')}
+    if norms is not None:
+      norms[alias] = {name: float(np.linalg.norm(x['patches'], axis=-1).mean())
+                      for name, x in (('teacher', want), ('student', got))}
   return out
 
 
-def pca_rgb(patches: np.ndarray) -> np.ndarray:
-  """uint8 [N, h, w, 3]: patch features [N, h, w, D] projected on their first three principal
-  components (fit on all N images together), each scaled from its 1st to 99th percentile."""
-  flat = np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])
+def pca_rgb(*patches: np.ndarray) -> list[np.ndarray]:
+  """uint8 [N, h, w, 3] per array of patch features [N, h, w, D]: projected on the first three
+  principal components of all of them together (so colours compare across the arrays), each
+  scaled from its 1st to 99th percentile."""
+  flat = np.concatenate([np.asarray(p, np.float64).reshape(-1, p.shape[-1]) for p in patches])
   centred = flat - flat.mean(axis=0)
   _, _, components = np.linalg.svd(centred, full_matrices=False)
   projected = centred @ components[:3].T
@@ -80,26 +85,21 @@ def pca_rgb(patches: np.ndarray) -> np.ndarray:
   projected *= np.where(largest < 0, -1, 1)   # sign convention: the largest entry is positive
   lo, hi = np.percentile(projected, [1, 99], axis=0)
   rgb = np.clip((projected - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
-  rgb = np.pad(rgb, ((0, 0), (0, 3 - rgb.shape[1])))     # fewer than 3 channels: black
-  return (rgb * 255).round().astype(np.uint8).reshape(*patches.shape[:-1], 3)
+  rgb = (np.pad(rgb, ((0, 0), (0, 3 - rgb.shape[1]))) * 255).round().astype(np.uint8)
+  ends = np.cumsum([0] + [p[..., 0].size for p in patches])   # fewer than 3 channels: black
+  return [rgb[a:b].reshape(*p.shape[:-1], 3) for p, a, b in zip(patches, ends, ends[1:])]
 
 
 def pictures(student, images: np.ndarray, batch: int) -> dict:
-  """name -> uint8 [N, h, w, 3] PCA pictures of the patch features of the student, each
-  teacher ('<alias>') and the student's prediction of it ('student as <alias>')."""
-  out = {'student': batched(lambda x: student.features(x)['patches'], images, batch)}
+  """name -> uint8 [N, h, w, 3] PCA pictures of the patch features of the student, and of each
+  teacher ('<alias>') with the student's prediction of it ('student as <alias>') in the same
+  colours (one PCA of both)."""
+  patches = lambda fn: batched(lambda x: fn(x)['patches'], images, batch)
+  out = {'student': pca_rgb(patches(student.features))[0]}
   for alias in student.teachers:
-    out[alias] = batched(lambda x: student.teacher(alias)(x)['patches'], images, batch)
-    out[f'student as {alias}'] = batched(lambda x: student.as_teacher(alias)(x)['patches'],
-                                         images, batch)
-  return {name: pca_rgb(patches) for name, patches in out.items()}
-
-
-def feature_norms(student, images: np.ndarray, batch: int) -> dict:
-  """alias -> mean L2 norm of patch features: the teacher's and the student's prediction."""
-  norm = lambda fn: float(np.linalg.norm(batched(fn, images, batch)['patches'], axis=-1).mean())
-  return {alias: {'teacher': norm(student.teacher(alias)),
-                  'student': norm(student.as_teacher(alias))} for alias in student.teachers}
+    out[alias], out[f'student as {alias}'] = pca_rgb(patches(student.teacher(alias)),
+                                                     patches(student.as_teacher(alias)))
+  return out
 
 
 def _probes(train, test, train_y, test_y, k: int) -> dict:
@@ -131,14 +131,15 @@ def evaluate(options, student, images: dict, held_out: np.ndarray, fidelity_befo
       want = batched(lambda x: student.teacher(alias)(x)['saliency'], held_out, b)
       got = batched(lambda x: student.as_teacher(alias)(x)['saliency'], held_out, b)
       heads[f'saliency_iou/{alias}'] = segmentation.mean_binary_iou(got > 0.5, want > 0.5)
-  after = fidelities(student, held_out, b)
+  norms = {}
+  after = fidelities(student, held_out, b, norms)
   return {
       'probe_sizes': {'train': int(len(train_y)), 'test': int(len(test_y))},
       'held_out_images': int(len(held_out)),
       'probes': probes,
       'heads': heads,
       'fidelity': {a: {'before': fidelity_before[a], 'after': after[a]} for a in after},
-      'feature_norms': feature_norms(student, held_out, b),
+      'feature_norms': norms,
   }
 
 
