@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kivfm import config as config_lib, evaluate
+from kivfm import config as config_lib, evaluate, metrics
 from kivfm.data import offline
 from kivfm.evals import classification
 
@@ -95,7 +95,14 @@ def test_evaluate_a_run_and_a_teacher_with_a_protocol(tmp_path, monkeypatch):
   config = config_lib.load('configs/base.py:smoke')
   config.total_steps = 2
   config.progress = 'none'
+  # The same evaluators run in training when the config names them (here every step).
+  config.evals.classification = config_lib.evaluator('classification', every=1, max_train=40,
+                                                     max_test=20, ks=(5,), weight_decays=(0.1,))
   train.train_and_evaluate(config, str(tmp_path))
+  logged = metrics.read_jsonl(tmp_path / 'metrics.jsonl')
+  assert all('eval/classification/knn/k5' in r for r in logged)
+  assert json.loads((tmp_path / 'eval' / 'classification.json').read_text())['images'][
+      'train'] == 40
   record = evaluate.run(config_lib.load(TINY), 'fashion_mnist', str(tmp_path))
   assert record['step'] == 2 and record['model'] == 'student'
   results = record['results']['classification']
