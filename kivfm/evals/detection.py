@@ -54,7 +54,9 @@ class Head(nnx.Module):
 # ------------------------------------------------------------------------------------ targets
 
 def targets(records: list[dict], grid: int, num_classes: int, max_objects: int) -> dict:
-  """Training targets at a grid x grid head of `records` (pasted.PastedObjects items)."""
+  """Training targets at a grid x grid head of instance `records` (`kivfm.data.instances`):
+  centre heatmaps, centre cells, offsets and sizes (grid units), masks at the grid and, for the
+  mask loss, the cells whose centre lies in the box grown by one cell."""
   n, size = len(records), records[0]['label'].shape[0]
   stride = size / grid
   heat = np.zeros((n, grid, grid, num_classes), np.float32)
@@ -84,10 +86,12 @@ def targets(records: list[dict], grid: int, num_classes: int, max_objects: int) 
 
 
 def _area_resize(mask: np.ndarray, grid: int) -> np.ndarray:
-  """Fraction of each of grid x grid cells that `mask` covers."""
+  """Fraction of each of grid x grid cells that the square `mask` covers."""
   edges = np.linspace(0, mask.shape[0], grid + 1).round().astype(int)
-  return np.array([[mask[edges[r]:edges[r + 1], edges[c]:edges[c + 1]].mean()
-                    for c in range(grid)] for r in range(grid)], np.float32)
+  sums = np.add.reduceat(np.add.reduceat(mask.astype(np.float32), edges[:-1], axis=0),
+                         edges[:-1], axis=1)
+  sides = np.diff(edges).astype(np.float32)
+  return sums / np.outer(sides, sides)
 
 
 # --------------------------------------------------------------------------------- training
