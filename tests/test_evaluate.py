@@ -199,5 +199,5 @@ def test_a_linear_head_on_separable_pixels_segments_perfectly(pairs):
   results = evaluator.evaluate(Pixels())
   assert results['miou'] == 1.0 and results['pixel_accuracy'] == 1.0
   assert results['per_class_iou'] == [1.0, 1.0, 1.0]
-  with pytest.raises(config_lib.ConfigError, match="source 'ade20k': use pasted:SPLIT or pairs"):
+  with pytest.raises(config_lib.ConfigError, match="source 'ade20k': use pasted:SPLIT, coco:.* or pairs:ROOT"):
     semantic.labelled_maps('ade20k', 1, 24, config.data)
