@@ -13,8 +13,8 @@ Sources (`config.data.source`, or one spec per entry of `config.data.mixture`):
   mixture                   data.mixture = (('tfds:imagenet2012', 0.7), ('folder:/data/x', 0.3)):
                             specs above with positive weights; a spec without SPLIT reads
                             data.tfds_split (tfds) or 'train' (fashion_mnist). Each source is
-                            sharded and shuffled on its own, then grain's MapDataset.mix
-                            interleaves them deterministically in the weights' proportions.
+                            shuffled on its own, then grain's MapDataset.mix interleaves them
+                            deterministically in the weights' proportions.
 
 Preparing a TFDS dataset as array_record (needs TensorFlow on the preparing machine only), e.g.
 ImageNet-1k with ILSVRC2012_img_{train,val}.tar placed in DIR/downloads/manual:
