@@ -3,7 +3,8 @@
   python -m kivfm.aot --config=configs/base.py --topology=v5p-64 [--batch_per_device=N]
       [--mfu=0.4] [--out=FILE.json]
 
-Compiles the real train step (`train.jit_train_step`, teachers online) for the topology's device
+Compiles the real train step (`train.jit_train_step`; teachers online, or with
+`--config.teacher_cache=DIR` the cached targets in their place) for the topology's device
 count on this machine's CPU, as fake host devices, over an abstract run (`assembly.build_run(...,
 abstract=True)`: nothing allocated, no weights read), then reports per device: XLA's memory plan
 (arguments + outputs + temporaries - aliased, the donated state) against the chip's HBM, the
@@ -60,10 +61,21 @@ def topology(name: str) -> Topology:
 
 
 def lower_step(config, mesh, abstract_images):
-  """The jitted train step of `config` lowered for an abstract run on `mesh`."""
+  """The jitted train step of `config` lowered for an abstract run on `mesh`: teachers online,
+  or with `config.teacher_cache` set their stored targets (float32, as the cache reader gives
+  them) in their place."""
   run = assembly.build_run(config, mesh, abstract=True)
-  return train.jit_train_step(config, run).lower(run.state, run.frozen, run.teacher_set.params,
-                                                 abstract_images, False)
+  cached = bool(config.teacher_cache)
+  teachers = run.teacher_set.params
+  if cached:
+    batch = abstract_images.shape[0]
+    sharded = lambda shape: jax.ShapeDtypeStruct(
+        shape, jnp.float32, sharding=sharding.batch_sharding(mesh, config.sharding.rules,
+                                                             len(shape)))
+    teachers = {alias: {'cls': sharded((batch, width)), 'patches': sharded((batch, *grid, width))}
+                for alias, (width, grid) in run.teacher_set.shapes.items()}
+  return train.jit_train_step(config, run, cached=cached).lower(
+      run.state, run.frozen, teachers, abstract_images, False)
 
 
 def analyze(config, name: str, batch_per_device: int | None = None, mfu: float = 0.4) -> dict:

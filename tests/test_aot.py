@@ -78,3 +78,14 @@ def test_the_command_sets_up_the_topology_devices(tmp_path):
   assert 'v4-32: 16 devices, 32 GiB HBM' in result.stdout
   assert 'verdict: fits' in result.stdout
   assert json.loads(out.read_text())['global_batch'] == 32
+
+
+def test_cached_teacher_targets_replace_the_teachers():
+  """With config.teacher_cache the step reads stored targets: fewer FLOPs per image (no teacher
+  forward passes), no teacher weights among the arguments."""
+  online = aot.analyze(config_lib.load(SMOKE), '8xH100', batch_per_device=2)
+  config = config_lib.load(SMOKE)
+  config.teacher_cache = '/nonexistent/cache'      # never read: only shapes are needed
+  cached = aot.analyze(config, '8xH100', batch_per_device=2)
+  assert 0 < cached['flops_per_image'] < online['flops_per_image']
+  assert cached['memory_bytes']['total'] > 0
