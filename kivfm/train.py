@@ -269,8 +269,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
           if not (log_step or due or stop or ckpt.is_due(step) or step == config.total_steps):
             continue
           scalars = drain()  # the host waits for the devices only here
-          if scalars['nonfinite_run'] == 0:   # async: evaluation below overlaps the write
-            ckpt.save(step, state, data_iter, config_dict, force=step == config.total_steps)
+          # Async: evaluation below overlaps the write. A stop always saves (once, also when
+          # this step is a regular checkpoint step).
+          if scalars['nonfinite_run'] == 0 or stop:
+            ckpt.save(step, state, data_iter, config_dict,
+                      force=stop or step == config.total_steps)
           results = evaluate(due, inference.from_run(run, state)) if due else {}
           if results:
             writer.flush()   # evaluators may read metrics.jsonl (e.g. to plot curves)
@@ -282,7 +285,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
           last, t_sync = scalars, time.time()   # evaluation time is not step time
           progress.update(step, f'loss {scalars["loss"]:.4f}', log_step)
           if stop:
-            ckpt.save(step, state, data_iter, config_dict, force=True)
             ckpt.wait()
             raise Preempted(f'preempted at step {step}; checkpoint written to {ckpt.directory}')
     finally:
