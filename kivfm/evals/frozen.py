@@ -10,16 +10,14 @@ from kivfm.evals.report import batched
 
 class TrainTest:
   """Reads `options.train` and `options.test` once, at `options.image_size` (0: the view size),
-  with the subclass's `_read(spec, limit, size, data)`; nothing to do before training."""
+  with `_read(spec, limit, size, data)`, which each subclass defines; nothing to do before
+  training."""
 
   def __init__(self, options, config):
     self.options = options
     size = options.image_size or config.data.image_size
     self.train = self._read(options.train, options.max_train, size, config.data)
     self.test = self._read(options.test, options.max_test, size, config.data)
-
-  def _read(self, spec: str, limit: int, size: int, data):
-    raise NotImplementedError
 
   def start(self, model) -> None:
     del model
