@@ -175,11 +175,14 @@ def _split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
   """Softmax attention over [B, N, H, Dh] heads (float32 softmax) -> [B, Nq, H * Dh].
   Materialises the [B, H, Nq, Nk] logits: the 'plain' path."""
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / math.sqrt(q.shape[-1])
+  # Heads-major operands: batched matmuls with leading batch dimensions, which XLA:CPU runs
+  # about 2.5x faster than the same einsums over [B, N, H, Dh] (no effect on GPU / TPU).
+  q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k) / math.sqrt(q.shape[-1])
   if bias is not None:
     logits = logits + bias
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-  out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  out = jnp.einsum('bhqk,bhkd->bqhd', probs, v)
   return out.reshape(*out.shape[:2], -1)
 
 

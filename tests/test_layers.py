@@ -1,0 +1,65 @@
+"""Layers written for XLA:CPU speed compute exactly what the plain formulations compute."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kivfm.models import layers, vit
+
+
+def grouped_conv(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      feature_group_count=x.shape[-1])
+
+
+@pytest.mark.parametrize('size,kernel,stride,padding', [
+    (9, 3, 1, 'SAME'), (9, 3, 2, 'SAME'), (10, 5, 2, 'SAME'), (8, 5, 1, 'VALID'),
+    (7, 3, 2, ((1, 1), (0, 2))), ((6, 11), 3, 2, 'SAME')])
+def test_depthwise_conv_equals_grouped_convolution_forward_and_backward(size, kernel, stride,
+                                                                        padding):
+  h, w = (size, size) if isinstance(size, int) else size
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, h, w, 6)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+  mine = layers.depthwise_conv(x, k, stride, padding)
+  ref = grouped_conv(x, k, stride, padding)
+  assert mine.shape == ref.shape
+  np.testing.assert_allclose(mine, ref, atol=1e-5)
+  loss = lambda f: lambda x, k: (f(x, k, stride, padding) * jnp.cos(ref)).sum()
+  for a, b in zip(jax.grad(loss(layers.depthwise_conv), (0, 1))(x, k),
+                  jax.grad(loss(grouped_conv), (0, 1))(x, k)):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_conv_layer_takes_the_depthwise_path_only_for_depthwise_kernels(monkeypatch):
+  calls = []
+  monkeypatch.setattr(layers, 'depthwise_conv',
+                      lambda *a: calls.append(a) or grouped_conv(a[0], a[1], a[2], a[3]))
+  x = jnp.ones((1, 8, 8, 4))
+  layers.Conv(4, 4, 3, groups=4, rngs=nnx.Rngs(0))(x)
+  layers.Conv(4, 8, 3, rngs=nnx.Rngs(0))(x)
+  assert len(calls) == (1 if jax.default_backend() == 'cpu' else 0)
+
+
+def test_matmul_gradients_equal_jnp_dot():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(4, 7)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float32)
+  np.testing.assert_allclose(layers.matmul(x, w), jnp.dot(x, w), atol=1e-6)
+  loss = lambda f: lambda x, w: (f(x, w) * g).sum()
+  for a, b in zip(jax.grad(loss(layers.matmul), (0, 1))(x, w),
+                  jax.grad(loss(jnp.dot), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_plain_attention_equals_the_softmax_formula():
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 4)), jnp.float32) for n in (5, 7, 7))
+  logits = np.einsum('bqhd,bkhd->bhqk', q, k) / 2.0
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expected = np.einsum('bhqk,bkhd->bqhd', probs, v).reshape(2, 5, 12)
+  np.testing.assert_allclose(vit._attend(q, k, v), expected, atol=1e-5)
