@@ -1,10 +1,14 @@
 """Using a trained student: general features, and the student standing in for each teacher.
 
-  student = kivfm.inference.load('runs/demo')          # config.json + latest checkpoint
+  student = kivfm.inference.load('runs/demo')          # config.json + latest checkpoint, or
+                                                       # a `kivfm.export` folder
   feats = student.features(images)                     # {'cls': [B, D], 'patches': [B, h, w, D]}
+  feats = student.features(images, size='input')      # at the images' own size (any, non-square
+                                                       # too; position embeddings interpolated)
   out = student.as_teacher('effnet')(images)           # EfficientNet-space 'cls'/'patches' and
                                                        # the teacher's own head: out['logits']
-Images are uint8 NHWC at the training view size (`config.data.image_size`).
+Images are uint8 NHWC; `features` resizes them to the training view size
+(`config.data.image_size`) unless given `size`, `as_teacher` always does.
 """
 from __future__ import annotations
 
@@ -14,14 +18,14 @@ import json
 import jax
 from flax import nnx
 
-from kivfm import assembly, checkpointing, config as config_lib, paths, sharding
+from kivfm import assembly, checkpointing, config as config_lib, paths, sharding, teachers
 
 
 # Module-level jitted functions: every Inherited of the same structure (e.g. a student
 # evaluated every N steps) reuses their compiled programs.
-@nnx.jit
-def _features(model, images):
-  return model.student(images)
+@functools.partial(nnx.jit, static_argnames='size')
+def _features(model, images, size=None):
+  return model.student(images, size)
 
 
 @nnx.jit
@@ -42,11 +46,21 @@ class Inherited:
   def __init__(self, model, teachers: dict, step: int | None = None):
     self.model, self.teachers, self.step = model, teachers, step   # step: of its checkpoint
 
-  def features(self, images) -> dict:
-    return _features(self.model, images)
+  def features(self, images, size: str | tuple[int, int] | None = None) -> dict:
+    """Student features at the training size, at `size` (h, w) or, with size='input', at the
+    images' own size; sizes are rounded to the nearest multiple of the patch size."""
+    if size is None:
+      return _features(self.model, images)
+    if size == 'input':
+      size = images.shape[1:3]
+    p = self.model.student.vit.cfg.patch_size
+    return _features(self.model, images, tuple(max(p, round(s / p) * p) for s in size))
 
   def teacher(self, alias: str):
     """images -> what teacher `alias` itself outputs (jitted)."""
+    if isinstance(self.teachers[alias], teachers.NativeHeads):
+      raise ValueError(f'an exported student holds only the heads of teacher {alias!r}; load '
+                       f'the teacher itself with kivfm.teachers.load')
     return lambda images: _run_teacher(self.teachers[alias], images)
 
   def as_teacher(self, alias: str):
@@ -81,7 +95,13 @@ def from_run(run: assembly.Run, state: assembly.TrainState) -> Inherited:
 
 def load(workdir: str, step: int | None = None) -> Inherited:
   """The student trained in `workdir` (its config.json and checkpoint `step`, default latest);
-  teachers are rebuilt from their own weight sources."""
+  teachers are rebuilt from their own weight sources. An export folder (`kivfm.export`) loads
+  with the teachers' native heads only, no teacher network."""
+  from kivfm import export   # imports this module
+  if export.is_export(workdir):
+    if step is not None:
+      raise ValueError(f'{workdir} is an export of one step; --step={step} does not apply')
+    return export.load(workdir)
   config = config_lib.from_dict(json.loads((paths.path(workdir) / 'config.json').read_text()))
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)

