@@ -13,7 +13,8 @@ OUT/ is a Hugging Face Hub model folder:
   kivfm_student.py    a one-file PyTorch module (torch only) that loads the folder or a repo id
   model.onnx          features and every teacher prediction (opset 17) at --onnx_size (default:
                       the training size), when torch is installed
-`kivfm.inference.load(OUT)` loads the folder back into kivfm without any teacher's weights.
+`kivfm.inference.load(OUT)` loads the folder back into kivfm without any teacher's weights
+(`kivfm.exported`).
 """
 from __future__ import annotations
 
@@ -30,19 +31,12 @@ import numpy as np
 import safetensors.numpy
 from flax import nnx
 
-from kivfm import assembly, config as config_lib, inference, paths, sharding, teachers
+from kivfm import assembly, config as config_lib, inference, paths, sharding
+from kivfm.exported import FORMAT, FORMAT_VERSION
 from kivfm.weights import readers
-from kivfm.weights.errors import ChecksumMismatchError, MissingWeightFileError
 from kivfm.weights.sources import sha256_of
 
-FORMAT, FORMAT_VERSION = 'kivfm-student', 1
 TORCH_MODULE = Path(__file__).with_name('torch_student.py')
-
-
-def is_export(path) -> bool:
-  """Whether `path` is a folder written by `export` (its config.json names the format)."""
-  config = paths.path(path) / 'config.json'
-  return config.exists() and json.loads(config.read_text()).get('format') == FORMAT
 
 
 # ------------------------------------------------------------------------------------- write
@@ -199,51 +193,6 @@ def push_to_hub(folder, repo_id: str) -> str:
   api = HfApi()
   api.create_repo(repo_id, exist_ok=True)
   return str(api.upload_folder(folder_path=str(folder), repo_id=repo_id))
-
-
-# -------------------------------------------------------------------------------------- read
-
-
-def load(folder) -> inference.Inherited:
-  """An export folder back in kivfm: the student, its unifier and the teachers' native heads
-  (no teacher network is built or read)."""
-  folder = paths.path(folder)
-  meta = json.loads((folder / 'config.json').read_text())
-  if meta.get('format_version') != FORMAT_VERSION:
-    raise ValueError(f'{folder}/config.json: export format version '
-                     f'{meta.get("format_version")!r}; this kivfm reads {FORMAT_VERSION}')
-  weights = Path(str(folder / 'model.safetensors'))
-  if not weights.exists():
-    raise MissingWeightFileError(f'{weights} is missing (the export is incomplete)')
-  actual = sha256_of(weights)
-  if actual != meta['sha256']:
-    raise ChecksumMismatchError(weights, meta['sha256'], actual, ' (config.json)')
-  tensors = readers.read_safetensors(weights)
-  config = config_lib.from_dict(meta['kivfm_config'])
-  config_lib.validate(config, jax.device_count(), jax.process_count())
-  mesh = sharding.make_mesh(config)
-  with jax.set_mesh(mesh):
-    teacher_set = assembly.build_teachers(config, mesh, abstract=True)
-    graphdef, state = assembly.abstract_split(
-        lambda: assembly.build_kpu(config, teacher_set, config.seed))
-    model = nnx.merge(graphdef, nnx.State(_place(tensors, '', state, weights)))
-    heads = {}
-    for alias in teacher_set.specs:
-      teacher = nnx.merge(teacher_set.graphdefs[alias], nnx.State(teacher_set.params[alias]))
-      parts = {}
-      for name, part in teacher.head_parts().items():
-        part_graphdef, part_state = nnx.split(part)
-        parts[name] = nnx.merge(part_graphdef, nnx.State(
-            _place(tensors, f'heads.{alias}.{name}.', part_state, weights)))
-      heads[alias] = teachers.NativeHeads(parts, teacher.image_size, teacher.pooled_embedding)
-  return inference.Inherited(model, heads, meta['step'])
-
-
-def _place(tensors: dict, prefix: str, abstract_state, source) -> dict:
-  mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-  if not prefix:
-    mine = {k: v for k, v in mine.items() if k.split('.')[0] in ('student', 'unifier')}
-  return teachers.place(readers.unflatten(mine, '.'), abstract_state, str(source))
 
 
 # -------------------------------------------------------------------------------------- main

@@ -18,7 +18,8 @@ import json
 import jax
 from flax import nnx
 
-from kivfm import assembly, checkpointing, config as config_lib, paths, sharding, teachers
+from kivfm import (assembly, checkpointing, config as config_lib, exported, paths, sharding,
+                   teachers)
 
 
 # Module-level jitted functions: every Inherited of the same structure (e.g. a student
@@ -97,11 +98,10 @@ def load(workdir: str, step: int | None = None) -> Inherited:
   """The student trained in `workdir` (its config.json and checkpoint `step`, default latest);
   teachers are rebuilt from their own weight sources. An export folder (`kivfm.export`) loads
   with the teachers' native heads only, no teacher network."""
-  from kivfm import export   # imports this module
-  if export.is_export(workdir):
+  if exported.is_export(workdir):
     if step is not None:
       raise ValueError(f'{workdir} is an export of one step; --step={step} does not apply')
-    return export.load(workdir)
+    return Inherited(*exported.read(workdir))
   config = config_lib.from_dict(json.loads((paths.path(workdir) / 'config.json').read_text()))
   config_lib.validate(config, jax.device_count(), jax.process_count())
   mesh = sharding.make_mesh(config)

@@ -73,7 +73,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from kivfm import config as config_lib, evaluate, export, inference
+from kivfm import config as config_lib, evaluate, exported, inference
 from kivfm.data import offline
 from kivfm.evals import report
 
@@ -85,7 +85,7 @@ print('JAX', jax.__version__, 'on', jax.devices())
 
 # %%
 student = inference.load(RUN)
-is_export = export.is_export(RUN)
+is_export = exported.is_export(RUN)
 teachers = sorted(student.teachers)
 print(f'{RUN}: step {student.step}, {"an export" if is_export else "a run"}, '
       f'teachers: {", ".join(teachers)}')
