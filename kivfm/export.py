@@ -22,6 +22,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -107,8 +108,8 @@ def _eval_rows(workdir) -> list[str]:
       continue
     flat = readers.flatten(record.get('results', {}), '.')
     for key, value in flat.items():
-      if isinstance(value, float) and not any(s in key for s in ('held_out', 'per_class',
-                                                                  'weight_decay', 'images')):
+      skip = ('held_out', 'per_class', 'weight_decay', 'images', 'train_loss')
+      if isinstance(value, float) and math.isfinite(value) and not any(s in key for s in skip):
         rows.append(f'| {record["protocol"]} | {key} | {value:.4f} |')
   return rows
 
@@ -163,6 +164,7 @@ def export(workdir: str, out: str, step: int | None = None,
   out.mkdir(parents=True, exist_ok=True)
   safetensors.numpy.save_file(tensors_of(student), out / 'model.safetensors',
                               metadata={'format': FORMAT})
+  (out / 'model.safetensors').chmod(0o644)   # the writer creates it private
   meta['sha256'] = sha256_of(out / 'model.safetensors')
   size = list(onnx_size or meta['image_size'])
   meta['onnx'] = {'file': 'model.onnx', 'image_size': size, 'opset': 17}

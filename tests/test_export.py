@@ -158,3 +158,21 @@ def test_torch_saliency_and_neck_heads_match_kivfm(run):
   neck = vit.Neck(16, 8, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(1))
   got = _torch_part(out, 'Neck', neck)(torch.from_numpy(patches))
   np.testing.assert_allclose(got.numpy(), neck(jnp.asarray(patches)), atol=TOL)
+
+
+def test_push_to_hub_uploads_the_folder(run, monkeypatch):
+  huggingface_hub = pytest.importorskip('huggingface_hub')
+  _, out = run
+  calls = []
+
+  class FakeApi:
+    def create_repo(self, repo_id, exist_ok):
+      calls.append(('create', repo_id, exist_ok))
+
+    def upload_folder(self, folder_path, repo_id):
+      calls.append(('upload', folder_path, repo_id))
+      return f'https://huggingface.co/{repo_id}/commit/0'
+
+  monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+  assert export.push_to_hub(out, 'me/kivfm-demo').endswith('/commit/0')
+  assert calls == [('create', 'me/kivfm-demo', True), ('upload', str(out), 'me/kivfm-demo')]
