@@ -167,15 +167,15 @@ def export(workdir: str, out: str, step: int | None = None,
   (out / 'model.safetensors').chmod(0o644)   # the writer creates it private
   meta['sha256'] = sha256_of(out / 'model.safetensors')
   size = list(onnx_size or meta['image_size'])
-  meta['onnx'] = {'file': 'model.onnx', 'image_size': size, 'opset': 17}
+  with_onnx = importlib.util.find_spec('torch') is not None
+  if with_onnx:
+    meta['onnx'] = {'file': 'model.onnx', 'image_size': size, 'opset': 17}
+  else:
+    logging.warning('torch is not installed: no model.onnx (pip install torch, then re-run)')
   (out / 'config.json').write_text(json.dumps(meta, indent=2))
   (out / 'README.md').write_text(model_card(meta, workdir))
   shutil.copyfile(TORCH_MODULE, out / 'kivfm_student.py')
-  if importlib.util.find_spec('torch') is None:
-    logging.warning('torch is not installed: no model.onnx (pip install torch, then re-run)')
-    del meta['onnx']
-    (out / 'config.json').write_text(json.dumps(meta, indent=2))
-  else:
+  if with_onnx:
     torch_module(out).export_onnx(out, out / 'model.onnx', tuple(size))
   return out
 

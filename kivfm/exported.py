@@ -21,7 +21,6 @@ def is_export(path) -> bool:
   return config.exists() and json.loads(config.read_text()).get('format') == FORMAT
 
 
-
 def read(folder) -> tuple[nnx.Module, dict, int]:
   """An export folder back in kivfm: (the KPU, alias -> the teacher's `NativeHeads`, step); no
   teacher network is built or read."""
@@ -58,7 +57,8 @@ def read(folder) -> tuple[nnx.Module, dict, int]:
 
 
 def _place(tensors: dict, prefix: str, abstract_state, source) -> dict:
-  mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-  if not prefix:
-    mine = {k: v for k, v in mine.items() if k.split('.')[0] in ('student', 'unifier')}
+  """The tensors `prefix` + each variable path of `abstract_state` (the file holds other
+  modules' tensors too), placed by `teachers.place`, which names any missing one."""
+  wanted = (readers.path_str(path, '.') for path, _ in nnx.to_flat_state(abstract_state))
+  mine = {key: tensors[prefix + key] for key in wanted if prefix + key in tensors}
   return teachers.place(readers.unflatten(mine, '.'), abstract_state, str(source))
