@@ -99,19 +99,20 @@ def describe(config, run_config: dict, step: int, teacher_set) -> dict:
       'teachers': described, 'kivfm_config': run_config}
 
 
+def eval_rows(record: dict) -> list[str]:
+  """Markdown table rows of the headline numbers of one `kivfm.evaluate` record."""
+  skip = ('held_out', 'per_class', 'weight_decay', 'images', 'train_loss')
+  return [f'| {record["protocol"]} | {key} | {value:.4f} |'
+          for key, value in readers.flatten(record.get('results', {}), '.').items()
+          if isinstance(value, float) and math.isfinite(value) and not any(s in key for s in skip)]
+
+
 def _eval_rows(workdir) -> list[str]:
-  """Markdown rows of the run's evaluation numbers (DIR/eval/*.json of the student)."""
-  rows = []
-  for f in sorted((paths.path(workdir) / 'eval').glob('*.json')):
-    record = json.loads(f.read_text())
-    if record.get('model') != 'student':
-      continue
-    flat = readers.flatten(record.get('results', {}), '.')
-    for key, value in flat.items():
-      skip = ('held_out', 'per_class', 'weight_decay', 'images', 'train_loss')
-      if isinstance(value, float) and math.isfinite(value) and not any(s in key for s in skip):
-        rows.append(f'| {record["protocol"]} | {key} | {value:.4f} |')
-  return rows
+  """`eval_rows` of every student record in DIR/eval."""
+  records = (json.loads(f.read_text())
+             for f in sorted((paths.path(workdir) / 'eval').glob('*.json')))
+  return [row for record in records if record.get('model') == 'student'
+          for row in eval_rows(record)]
 
 
 def model_card(meta: dict, workdir) -> str:

@@ -73,7 +73,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-from kivfm import config as config_lib, evaluate, exported, inference
+from kivfm import config as config_lib, evaluate, export, exported, inference
 from kivfm.data import offline
 from kivfm.evals import report
 
@@ -106,25 +106,9 @@ def protocol_config(name: str):
   return config
 
 
-def rows(record: dict) -> list[str]:
-  flat = {k: v for k, v in report_flat(record['results']).items() if isinstance(v, float)}
-  return [f'| {record["protocol"]} | {k} | {v:.4f} |' for k, v in flat.items()
-          if not any(s in k for s in ('held_out', 'per_class', 'weight_decay'))]
-
-
-def report_flat(tree, prefix=''):
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(report_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 results = {name: evaluate.run(protocol_config(name), name, RUN) for name in PROTOCOLS}
 display(Markdown('\n'.join(['| protocol | metric | value |', '|---|---|---|',
-                            *[r for record in results.values() for r in rows(record)]])))
+                            *[r for record in results.values() for r in export.eval_rows(record)]])))
 
 # %% [markdown]
 # ## What the student sees: PCA maps of patch features
@@ -214,7 +198,7 @@ for alias, (got, want) in head_outputs.items():
 
 # %%
 zero_shot = [r for record in results.values() if 'zero_shot' in record['results']
-             for r in rows(record)]
+             for r in export.eval_rows(record)]
 print('\n'.join(zero_shot) if zero_shot else 'no zero-shot protocol in PROTOCOLS')
 if not is_export:
   norms = {}
