@@ -24,6 +24,7 @@ ADAPTERS = ('bottleneck', 'lora', 'none')
 DISTANCES = ('cosine', 'smooth_l1', 'mse', 'cos_smooth_l1')
 NORMALIZERS = ('none', 'zscore', 'ema_zscore', 'phi_s')
 MESH_AXES = ('data', 'fsdp', 'model')
+HEAD_OUTPUTS = ('logits', 'saliency', 'embedding', 'neck')
 
 # Logical axis -> mesh axes. Every logical name used by a model must appear here.
 DEFAULT_RULES = (
@@ -158,6 +159,12 @@ def defaults() -> ConfigDict:
       shared_weight=1.0,              # lambda: alignment in the shared latent space
       recon_weight=1.0,               # codes must reconstruct the teacher features (anti-collapse)
       preservation_weight=0.1,        # distance of the student to the knowledge-base teacher
+      # Distillation through the teachers' own heads: what each native head (EfficientNet's
+      # classifier, the saliency decoder, CLIP's projection, SAM's neck) makes of the student's
+      # prediction against what it makes of the teacher's features (losses.head_distance).
+      head_weight=0.0,
+      head_outputs=HEAD_OUTPUTS,      # which native heads head_weight distils
+      head_temperature=1.0,           # softmax temperature of the classifier term
   ))
   c.optim = ConfigDict(dict(
       lr=1e-3,
@@ -339,12 +346,20 @@ def validate(config: ConfigDict, num_devices: int, num_processes: int = 1) -> No
   if config.unifier.shared_dim < 0:
     raise ConfigError(f'config.unifier.shared_dim={config.unifier.shared_dim} must be >= 0 '
                       f'(0 = teacher space only)')
+  if config.loss.head_weight < 0:
+    raise ConfigError(f'config.loss.head_weight={config.loss.head_weight} must be >= 0 (0: off)')
+  for output in config.loss.head_outputs:
+    _allowed('loss.head_outputs', output, HEAD_OUTPUTS)
+  if config.loss.head_weight and config.teacher_cache:
+    raise ConfigError(f'config.loss.head_weight={config.loss.head_weight} needs the teachers\' '
+                      f'heads online; config.teacher_cache={config.teacher_cache!r} holds their '
+                      f'features only. Set one of them to its default (0 / \'\').')
   if config.grad_share_every < 0:
     raise ConfigError(f'config.grad_share_every={config.grad_share_every} must be >= 0 (0: off)')
   _positive(config, 'total_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints',
             'max_consecutive_nonfinite', 'data.batch_size', 'data.image_size',
             'data.num_examples', 'student.adapter_dim', 'student.lora_rank', 'unifier.hidden',
-            'unifier.layers', 'optim.lr')
+            'unifier.layers', 'optim.lr', 'loss.head_temperature')
   _validate_cache(config)
   _validate_attention(config.attention)
   for axis in config.mesh.axes:

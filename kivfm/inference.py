@@ -7,6 +7,7 @@
                                                        # too; position embeddings interpolated)
   out = student.as_teacher('effnet')(images)           # EfficientNet-space 'cls'/'patches' and
                                                        # the teacher's own head: out['logits']
+  out = student.predict(images)                        # features and every as_teacher, one pass
 Images are uint8 NHWC; `features` resizes them to the training view size
 (`config.data.image_size`) unless given `size`, `as_teacher` always does.
 """
@@ -41,6 +42,16 @@ def _as_teacher(model, teacher, images, alias: str):
   return {**out, **teacher.native_heads(out)}
 
 
+@nnx.jit
+def _predict(model, teachers, images):
+  features = model.student(images)
+  out = {'features': features}
+  for alias, predicted in model.unifier(features).items():
+    predicted = model.unifier.to_teacher_space(alias, predicted)
+    out[alias] = {**predicted, **teachers[alias].native_heads(predicted)}
+  return out
+
+
 class Inherited:
   """A student with its unifier and the teachers' heads."""
 
@@ -56,6 +67,11 @@ class Inherited:
       size = images.shape[1:3]
     p = self.model.student.vit.cfg.patch_size
     return _features(self.model, images, tuple(max(p, round(s / p) * p) for s in size))
+
+  def predict(self, images) -> dict:
+    """{'features': `features(images)`, alias: `as_teacher(alias)(images)` for every teacher},
+    from one pass of the student."""
+    return _predict(self.model, self.teachers, images)
 
   def teacher(self, alias: str):
     """images -> what teacher `alias` itself outputs (jitted)."""

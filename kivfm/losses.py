@@ -45,6 +45,29 @@ def distance(name: str, pred: jax.Array, target: jax.Array, cos_weight: float = 
   raise ValueError(f'unknown distance {name!r}; allowed: cosine, smooth_l1, mse, cos_smooth_l1')
 
 
+def head_distance(name: str, pred: jax.Array, target: jax.Array,
+                  temperature: float = 1.0) -> jax.Array:
+  """Distance between what a teacher's native head makes of the student's prediction (`pred`)
+  and of the teacher's own features (`target`), by head output:
+  logits: KL(softmax(target / T) || softmax(pred / T)) * T^2 (Hinton et al.'s distillation);
+  saliency (probabilities): binary cross-entropy with the teacher's map as soft labels, minus
+  its entropy (0 at equality); embedding / neck: 1 - cosine over the last axis.
+  """
+  pred, target = pred.astype(jnp.float32), target.astype(jnp.float32)
+  if name == 'logits':
+    log_p = jax.nn.log_softmax(target / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(pred / temperature, axis=-1)
+    return (jnp.exp(log_p) * (log_p - log_q)).sum(-1).mean() * temperature ** 2
+  if name == 'saliency':
+    eps = 1e-6
+    p, t = jnp.clip(pred, eps, 1 - eps), jnp.clip(target, eps, 1 - eps)
+    return (t * (jnp.log(t) - jnp.log(p)) + (1 - t) * (jnp.log1p(-t) - jnp.log1p(-p))).mean()
+  if name in ('embedding', 'neck'):
+    return _cosine_distance(pred, target)
+  raise ValueError(f'no head distance for teacher output {name!r}; allowed: logits, saliency, '
+                   f'embedding, neck')
+
+
 def _pair_distance(name: str, pred: dict, target: dict, cfg) -> jax.Array:
   """Global + patch distance of a {'cls', 'patches'} pair."""
   return (cfg.global_weight * distance(cfg.global_, pred['cls'], target['cls'], cfg.cos_weight) +
@@ -62,11 +85,13 @@ def objective(outputs: dict, targets: dict, weights: dict, knowledge_base: str,
 
   per teacher t:  s2t_t    = d(p_t, N_t(g_t))                       (teacher space)
                   shared_t = d_cos(z_s, z_t) + recon * d(R_t(z_t), N_t(g_t))
-                  loss_t   = s2t_t + shared_weight * shared_t
+                  head_t   = sum over t's native heads h of d_h(h(N_t^-1(p_t)), h(g_t))
+                  loss_t   = s2t_t + shared_weight * shared_t + head_weight * head_t
   total = sum_t w_t loss_t + preservation_weight * d(f(I), g_kb(I)).
   Collapse of the trainable teacher encoders E_t (a constant code makes d_cos vanish) is
   prevented by the reconstruction term: a constant code cannot reconstruct N_t(g_t), and the
-  s2t term keeps the student anchored to the fixed teacher targets.
+  s2t term keeps the student anchored to the fixed teacher targets. head_t (`head_distance`)
+  needs outputs['heads']: alias -> {output: head(prediction)}, and the same outputs in targets.
   """
   student, shared = outputs['student'], outputs['shared']
   terms, scalars = {}, {}
@@ -81,6 +106,15 @@ def objective(outputs: dict, targets: dict, weights: dict, knowledge_base: str,
       recon = _pair_distance(cfg.patch, sh['recon'], sh['target'], cfg)
       loss = loss + cfg.shared_weight * (align + cfg.recon_weight * recon)
       scalars[f'shared/{alias}'], scalars[f'recon/{alias}'] = align, recon
+    heads = outputs.get('heads', {}).get(alias)
+    if cfg.head_weight and heads:
+      head = sum(head_distance(name, heads[name], targets[alias][name], cfg.head_temperature)
+                 for name in sorted(heads))
+      loss = loss + cfg.head_weight * head
+      scalars[f'head/{alias}'] = head
+      if 'logits' in heads:
+        scalars[f'head_agreement/{alias}'] = (
+            jnp.argmax(heads['logits'], -1) == jnp.argmax(targets[alias]['logits'], -1)).mean()
     terms[alias] = loss
     raw, in_teacher_space = targets[alias], outputs['in_teacher_space'][alias]
     scalars[f'teacher_norm/{alias}'] = jnp.linalg.norm(

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from kivfm import (assembly, checkpointing, config as config_lib, evals, inference, losses,
                    metrics, optim, paths, sharding)
 from kivfm import stats as stats_lib
+from kivfm import teachers as teachers_lib
 from kivfm.data import cached, pipeline
 from kivfm.models import normalizers
 
@@ -52,6 +53,14 @@ def make_train_step(config, run: assembly.Run, cached: bool = False):
   teacher_set, graphdef, tx = run.teacher_set, run.kpu_graphdef, run.tx
   share_trunk = assembly.shares_trunk(config, run)
 
+  distilled = config.loss.head_outputs
+
+  def native_heads(alias, params, features):  # the distilled heads of teacher `alias`
+    teacher = nnx.merge(teacher_set.graphdefs[alias], nnx.State(params))
+    parts = {k: v for k, v in teacher.head_parts().items() if k in distilled}
+    return teachers_lib.apply_heads(parts, features, teacher.image_size,
+                                    teacher.pooled_embedding and 'embedding' in distilled)
+
   def train_step(state: assembly.TrainState, frozen: dict, teachers: dict,
                  images: jax.Array, with_shares=False):
     merge = lambda params, stats: nnx.merge(graphdef, nnx.State(params), nnx.State(stats),
@@ -73,6 +82,9 @@ def make_train_step(config, run: assembly.Run, cached: bool = False):
 
     def heads_loss(params, features):
       outputs = merge(params, stats).unify(features, targets)
+      if config.loss.head_weight:  # what each teacher's own heads make of its prediction
+        outputs['heads'] = {a: native_heads(a, teachers[a], outputs['in_teacher_space'][a])
+                            for a in aliases}
       loss, terms = losses.objective(outputs, targets, weights, config.student.knowledge_base,
                                      config.loss)
       per_teacher = jnp.stack([weights[a] * terms[f'loss/{a}'] for a in aliases])
@@ -214,8 +226,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start = int(state.step)
 
     evaluators = evals.build(config)
-    for evaluator in evaluators.values():  # e.g. the untrained student's fidelity
+    for name, evaluator in evaluators.items():  # e.g. the untrained student's fidelity
+      began = time.perf_counter()
       evaluator.start(inference.from_run(run, run.state))
+      logging.info('evaluator %s: started in %.1f s', name, time.perf_counter() - began)
     writer = metrics.MetricsWriter(workdir, enabled=lead, start_step=start)
     progress = metrics.Progress(config.total_steps, start, config.progress if lead else 'none')
     teacher_params = run.teacher_set.params

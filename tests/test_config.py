@@ -150,3 +150,20 @@ def test_a_teacher_may_enlarge_the_view_at_most_max_teacher_upsample_times():
     assembly.check_upsampling(config, 'sam', sam)
   config.data.max_teacher_upsample = 0            # no limit
   assembly.check_upsampling(config, 'sam', sam)
+
+
+def test_demo_variants_change_only_what_they_name():
+  base = config_lib.load('configs/demo.py')
+  assert base.loss.head_weight > 0 and base.unifier.shared_dim > 0
+  for arg, changes in (('teacher_space', {'unifier.shared_dim': 0, 'unifier.normalizer': 'none'}),
+                       ('no_head_loss', {'loss.head_weight': 0.0})):
+    variant = config_lib.load(f'configs/demo.py:{arg}')
+    for key, value in changes.items():
+      group, leaf = key.split('.')
+      assert variant[group][leaf] == value
+      variant[group][leaf] = base[group][leaf]
+    assert variant.to_dict() == base.to_dict(), arg
+  long = config_lib.load('configs/demo.py:long,teacher_space')
+  assert long.total_steps > base.total_steps and long.evals.report.every > 0
+  assert long.unifier.shared_dim == 0
+  config_lib.validate(long, 1)

@@ -74,7 +74,8 @@ def test_readme_main_job_from_empty_caches(readme_run):
   for accuracies in report['probes'].values():
     assert 0.0 <= accuracies['knn'] <= 1.0 and 0.0 <= accuracies['linear'] <= 1.0
   assert report['probe_sizes'] == {'train': 100, 'test': 50}
-  assert set(report['heads']) == {'top1_agreement/effnet', 'saliency_iou/dino'}
+  assert set(report['heads']) == {'top1_agreement/effnet', 'saliency_iou/dino',
+                                  'top1_agreement_photos/effnet', 'saliency_iou_photos/dino'}
   for alias in ('dino', 'effnet'):
     fid = report['fidelity'][alias]
     assert set(fid) == {'before', 'after'} and set(fid['after']) == {'patches', 'cls'}

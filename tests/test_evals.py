@@ -255,3 +255,52 @@ def test_pca_pictures_by_hand():
   assert (out[..., 1:] == out[0, 0, 0, 1:]).all()
   first, second = pca_rgb(x[:1], x[1:])                 # one PCA of both: the same colours
   np.testing.assert_array_equal(np.concatenate([first, second]), out)
+
+
+def test_training_time_and_report_curves(tmp_path):
+  """Training minutes add step_time x steps since the previous record; a report evaluated more
+  than once gets its own panel (a wider figure) against that time."""
+  import json
+  from PIL import Image
+  from kivfm.evals import report
+  base = {'loss': 1.0, 'loss/a': 1.0, 'fidelity/a': 0.5}
+  records = [{**base, 'step': 10, 'step_time': 6.0}, {**base, 'step': 20, 'step_time': 3.0},
+             {**base, 'step': 25, 'step_time': 12.0}]
+  assert report.training_minutes(records) == pytest.approx([1.0, 1.5, 2.5])
+  path = tmp_path / 'metrics.jsonl'
+  widths = []
+  for evaluated in ((25,), (10, 25)):
+    rows = [{**r, **({'eval/report/probes/student/knn': 0.5,
+                      'eval/report/heads/top1_agreement/a': 0.2} if r['step'] in evaluated else {})}
+            for r in records]
+    path.write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    report.plot_curves(path, tmp_path / 'curves.png')
+    widths.append(Image.open(tmp_path / 'curves.png').size[0])
+  assert widths == [1300, 1700]
+
+
+def test_compare_puts_runs_side_by_side(tmp_path):
+  """kivfm.compare: one column per run, from its report.json and metrics.jsonl."""
+  import json
+  from kivfm import compare
+  for name, share, knn_acc in (('shared', 0.5, 0.8), ('teacher_space', 0.9, 0.7)):
+    run = tmp_path / name
+    (run / 'eval').mkdir(parents=True)
+    (run / 'eval' / 'report.json').write_text(json.dumps({
+        'probes': {'student': {'knn': knn_acc, 'linear': 0.85}},
+        'heads': {'top1_agreement/b': 0.25},
+        'fidelity': {'b': {'before': {'patches': 0.0, 'cls': 0.0},
+                           'after': {'patches': 0.75, 'cls': 0.5}}},
+        'feature_norms': {'b': {'teacher': 30.0, 'student': 20.0}}}))
+    records = [{'step': 10, 'step_time': 6.0, 'images_per_s': 2.0, 'grad_share/b': share},
+               {'step': 20, 'step_time': 3.0, 'images_per_s': 4.0, 'grad_share/b': 0.25}]
+    (run / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  table = compare.table([str(tmp_path / 'shared'), str(tmp_path / 'teacher_space')])
+  lines = table.splitlines()
+  assert lines[0] == '| | shared | teacher_space |'
+  assert '| kNN / linear probe: student | 0.800 / 0.850 | 0.700 / 0.850 |' in lines
+  assert '| gradient share b: mean / last | 0.38 / 0.25 | 0.57 / 0.25 |' in lines
+  assert '| fidelity to b, patches / global | 0.750 / 0.500 | 0.750 / 0.500 |' in lines
+  assert '| training minutes | 1.5 | 1.5 |' in lines and '| images/s (median) | 3.0 | 3.0 |' in lines
+  with pytest.raises(ValueError, match='1 names for 2 runs'):
+    compare.table([str(tmp_path / 'shared'), str(tmp_path / 'teacher_space')], ['x'])

@@ -9,6 +9,7 @@ from flax import nnx
 
 from kivfm import assembly, config as config_lib, losses, sharding, teachers, train
 
+import helpers
 from helpers import build_run
 from kivfm.data import synthetic, transforms
 from kivfm.models.student import Student
@@ -147,3 +148,72 @@ def test_trained_student_features_and_stand_in_for_teachers(tmp_path):
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(KeyError, match="no teacher 'clip'"):
     student.as_teacher('clip')
+
+
+def test_head_distances_by_hand():
+  """KL of the classifier's softmax (x T^2), saliency BCE minus the teacher's entropy, cosine."""
+  pred, target = jnp.log(jnp.array([[0.25, 0.75]])), jnp.log(jnp.array([[0.5, 0.5]]))
+  kl = 0.5 * np.log(0.5 / 0.25) + 0.5 * np.log(0.5 / 0.75)
+  np.testing.assert_allclose(losses.head_distance('logits', pred, target), kl, rtol=1e-5)
+  np.testing.assert_allclose(losses.head_distance('logits', 2 * pred, 2 * target, 2.0), 4 * kl,
+                             rtol=1e-5)
+  p, t = jnp.array([0.2, 0.9]), jnp.array([0.5, 0.9])
+  bce = np.mean([0.5 * np.log(0.5 / 0.2) + 0.5 * np.log(0.5 / 0.8), 0.0])
+  np.testing.assert_allclose(losses.head_distance('saliency', p, t), bce, rtol=1e-4)
+  assert abs(float(losses.head_distance('saliency', t, t))) < 1e-6
+  np.testing.assert_allclose(losses.head_distance('embedding', jnp.array([[1., 0.]]),
+                                                  jnp.array([[1., 1.]])), 1 - 2 ** -0.5, rtol=1e-5)
+  with pytest.raises(ValueError, match="'masks'"):
+    losses.head_distance('masks', p, t)
+
+
+def test_distillation_through_the_teachers_heads():
+  """loss.head_weight adds, per teacher with native heads, the distance between what its heads
+  make of the student's prediction and of its own features; the term trains the student."""
+  config = config_lib.load('configs/base.py:smoke')
+  del config.teachers['vitb']
+  config.teachers.effnet = config_lib.teacher('efficientnet-lite0', weights='random',
+                                              dtype='float32', image_size=32)
+  config.loss.head_weight = 1.0
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    run = build_run(config, mesh)
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), np.uint8))
+    targets = jax.jit(run.teacher_set.forward)(run.teacher_set.params, x)
+    outputs = nnx.jit(lambda model: model(x, targets))(run.kpu())
+    effnet = nnx.merge(run.teacher_set.graphdefs['effnet'],
+                       nnx.State(run.teacher_set.params['effnet']))
+    logits = nnx.jit(lambda m, f: m.native_heads(f))(effnet, outputs['in_teacher_space']['effnet']
+                                                     )['logits']
+    weights = {'dino': 1.0, 'effnet': 1.0}
+    _, without = losses.objective(outputs, targets, weights, 'dino', config.loss)
+    _, terms = losses.objective({**outputs, 'heads': {'effnet': {'logits': logits}}}, targets,
+                                weights, 'dino', config.loss)
+    want = losses.head_distance('logits', logits, targets['effnet']['logits'])
+    np.testing.assert_allclose(terms['head/effnet'], want, rtol=1e-6)
+    np.testing.assert_allclose(terms['loss/effnet'], without['loss/effnet'] + want, rtol=1e-5)
+    assert 0 <= terms['head_agreement/effnet'] <= 1 and 'head/dino' not in terms
+
+    # The gradient of the head term reaches the student's adapters.
+    def head_loss(params):
+      out = nnx.merge(run.kpu_graphdef, nnx.State(params), nnx.State(run.state.stats),
+                      nnx.State(run.frozen))(x, targets)
+      got = effnet.native_heads(out['in_teacher_space']['effnet'])['logits']
+      return losses.head_distance('logits', got, targets['effnet']['logits'])
+    grads = helpers.flat(jax.jit(jax.grad(head_loss))(run.state.params))
+    assert any(k.startswith('student/') and float(jnp.abs(g).max()) > 0 for k, g in grads.items())
+    # The train step adds the term (traced only: the values are checked above).
+    step = train.make_train_step(config, run)
+    _, scalars = jax.eval_shape(step, run.state, run.frozen, run.teacher_set.params, x)
+  assert {'head/effnet', 'head_agreement/effnet'} <= set(scalars)
+
+
+def test_head_distillation_config_errors():
+  config = config_lib.load('configs/base.py:smoke')
+  config.loss.head_outputs = ('logits', 'masks')
+  with pytest.raises(config_lib.ConfigError, match="loss.head_outputs='masks'"):
+    config_lib.validate(config, jax.device_count())
+  config.loss.head_outputs = ('logits',)
+  config.loss.head_weight, config.teacher_cache = 0.5, '/tmp/cache'
+  with pytest.raises(config_lib.ConfigError, match='head_weight.*teacher_cache'):
+    config_lib.validate(config, jax.device_count())

@@ -3,10 +3,11 @@
 Measured on held-out real images (Fashion-MNIST test split from the Debian package, photos from
 scikit-image / scikit-learn), never on the distillation stream:
   * kNN (k=20, cosine) and linear-probe accuracy of global features: student, every teacher and
-    raw pixels, probes trained on the first `probe_train` train images, tested on the first
+    raw pixels (the 28 x 28 images as they are), probes trained on the first `probe_train` train images, tested on the first
     `probe_test` test images;
-  * top-1 agreement of the student through each classifier teacher's own head with that teacher;
-  * saliency-mask IoU (threshold 0.5) of the student through each saliency head with the teacher;
+  * top-1 agreement of the student through each classifier teacher's own head with that teacher,
+    and saliency-mask IoU (threshold 0.5) through each saliency head, on the Fashion-MNIST test
+    images and (suffix '_photos') on the photos;
   * per-teacher fidelity (cosine in the teacher's own space) before and after training, and the
     mean patch-feature norm of each teacher and of the student's prediction of it;
   * pictures: the first three principal components of the patch features of the student, each
@@ -19,6 +20,7 @@ import io
 
 import jax
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from kivfm import metrics, paths
@@ -36,14 +38,16 @@ def _to_rgb(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def held_out_images(options, fashion_mnist_dir: str, size: int) -> dict:
-  """{'train': (images, labels), 'test': (images, labels), 'photos': images} at `size`."""
+  """{'train': (images, labels), 'test': (images, labels), 'photos': images} at `size`, and
+  'pixels': (train, test) the Fashion-MNIST images as they are (28 x 28 grey)."""
   e = options
   train_x, train_y = offline.read_fashion_mnist(fashion_mnist_dir, 'train')
   test_x, test_y = offline.read_fashion_mnist(fashion_mnist_dir, 'test')
   photos = [image for _, image in offline.load_photos()]
   return {'train': (_to_rgb(train_x[:e.probe_train], size), train_y[:e.probe_train]),
           'test': (_to_rgb(test_x[:e.probe_test], size), test_y[:e.probe_test]),
-          'photos': np.stack([_to_rgb(p[None], size)[0] for p in photos])}
+          'photos': np.stack([_to_rgb(p[None], size)[0] for p in photos]),
+          'pixels': (train_x[:e.probe_train], test_x[:e.probe_test])}
 
 
 def batched(fn, images: np.ndarray, batch: int) -> dict:
@@ -59,18 +63,29 @@ def batched(fn, images: np.ndarray, batch: int) -> dict:
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
-def fidelities(student, images: np.ndarray, batch: int, norms: dict | None = None) -> dict:
-  """alias -> {'patches', 'cls'} cosine fidelity of the student's prediction of the teacher;
-  `norms`, when given, receives alias -> mean patch-feature norm {'teacher', 'student'}."""
+def compare(predicted: dict, teachers: dict, norms: dict | None = None) -> dict:
+  """alias -> {'patches', 'cls'} cosine fidelity of the student's predictions (`predicted`, as
+  from `Inherited.predict`) to the teachers' outputs (`teachers`: alias -> outputs); `norms`,
+  when given, receives alias -> mean patch-feature norm {'teacher', 'student'}."""
   out = {}
-  for alias in student.teachers:
-    want = batched(student.teacher(alias), images, batch)
-    got = batched(student.as_teacher(alias), images, batch)
+  for alias, want in teachers.items():
+    got = predicted[alias]
     out[alias] = {k: fidelity.cosine_fidelity(got[k], want[k]) for k in ('patches', 'cls')}
     if norms is not None:
       norms[alias] = {name: float(np.linalg.norm(x['patches'], axis=-1).mean())
                       for name, x in (('teacher', want), ('student', got))}
   return out
+
+
+def teacher_outputs(student, images: np.ndarray, batch: int) -> dict:
+  """alias -> everything teacher `alias` outputs on `images`."""
+  return {alias: batched(student.teacher(alias), images, batch) for alias in student.teachers}
+
+
+def fidelities(student, images: np.ndarray, batch: int, norms: dict | None = None) -> dict:
+  """`compare` on `images`, running the student and the teachers."""
+  return compare(batched(student.predict, images, batch), teacher_outputs(student, images, batch),
+                 norms)
 
 
 def pca_rgb(*patches: np.ndarray) -> list[np.ndarray]:
@@ -90,16 +105,26 @@ def pca_rgb(*patches: np.ndarray) -> list[np.ndarray]:
   return [rgb[a:b].reshape(*p.shape[:-1], 3) for p, a, b in zip(patches, ends, ends[1:])]
 
 
-def pictures(student, images: np.ndarray, batch: int) -> dict:
+def pictures_of(predicted: dict, teachers: dict) -> dict:
   """name -> uint8 [N, h, w, 3] PCA pictures of the patch features of the student, and of each
   teacher ('<alias>') with the student's prediction of it ('student as <alias>') in the same
-  colours (one PCA of both)."""
-  patches = lambda fn: batched(lambda x: fn(x)['patches'], images, batch)
-  out = {'student': pca_rgb(patches(student.features))[0]}
-  for alias in student.teachers:
-    out[alias], out[f'student as {alias}'] = pca_rgb(patches(student.teacher(alias)),
-                                                     patches(student.as_teacher(alias)))
+  colours (one PCA of both). `predicted` as from `Inherited.predict`, `teachers`: alias ->
+  outputs, on the same images."""
+  out = {'student': pca_rgb(predicted['features']['patches'])[0]}
+  for alias, want in teachers.items():
+    out[alias], out[f'student as {alias}'] = pca_rgb(want['patches'], predicted[alias]['patches'])
   return out
+
+
+def pictures(student, images: np.ndarray, batch: int) -> dict:
+  """`pictures_of` on `images`, running the student and the teachers."""
+  return pictures_of(batched(student.predict, images, batch),
+                     teacher_outputs(student, images, batch))
+
+
+@nnx.jit
+def _global(teacher, images):   # jitted whole, so the teacher's heads are never computed
+  return teacher(images)['cls']
 
 
 def _probes(train, test, train_y, test_y, k: int) -> dict:
@@ -107,35 +132,38 @@ def _probes(train, test, train_y, test_y, k: int) -> dict:
           'linear': linear_probe.linear_probe_accuracy(train, train_y, test, test_y)}
 
 
-def evaluate(options, student, images: dict, held_out: np.ndarray, fidelity_before: dict) -> dict:
-  """The report dict; `images` from `held_out_images`, `held_out` the images for the heads and
-  fidelity (the same as for `fidelity_before`)."""
-  b, k = options.batch_size, options.knn_k
-  (train_x, train_y), (test_x, test_y) = images['train'], images['test']
-  global_features = {'student': lambda x: student.features(x)['cls']}
-  for alias in student.teachers:
-    global_features[alias] = lambda x, t=student.teacher(alias): t(x)['cls']
-  probes = {name: _probes(batched(fn, train_x, b), batched(fn, test_x, b), train_y, test_y, k)
-            for name, fn in global_features.items()}
-  pixels = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
-  probes['raw_pixels'] = _probes(pixels(train_x), pixels(test_x), train_y, test_y, k)
+def _rows(tree, rows):
+  return jax.tree.map(lambda x: x[rows], tree)
 
-  heads = {}
-  for alias, teacher in student.teachers.items():
-    outputs = teacher.spec.outputs
-    if 'logits' in outputs:
-      want = batched(lambda x: student.teacher(alias)(x)['logits'], held_out, b)
-      got = batched(lambda x: student.as_teacher(alias)(x)['logits'], held_out, b)
-      heads[f'top1_agreement/{alias}'] = agreement.top1_agreement(got, want)
-    if 'saliency' in outputs:
-      want = batched(lambda x: student.teacher(alias)(x)['saliency'], held_out, b)
-      got = batched(lambda x: student.as_teacher(alias)(x)['saliency'], held_out, b)
-      heads[f'saliency_iou/{alias}'] = segmentation.mean_binary_iou(got > 0.5, want > 0.5)
+
+def evaluate(options, student_train: np.ndarray, predicted: dict, teachers: dict, labels: dict,
+             fixed_probes: dict, head_rows: np.ndarray, fidelity_before: dict) -> dict:
+  """The report dict from the models' outputs on the held-out images: `student_train` the
+  student's global features on the probe train images; `predicted` (`Inherited.predict`) and
+  `teachers` (alias -> outputs) on the evaluation images, whose first `probe_test` rows are the
+  probe test images (`labels`: 'train', 'test') and `head_rows` the rows for the heads and
+  fidelity (the same as for `fidelity_before`); `fixed_probes`: the teachers' and raw pixels'."""
+  n = options.probe_test
+  student = _probes(student_train, predicted['features']['cls'][:n], labels['train'],
+                    labels['test'], options.knn_k)
+  probes = {'student': student, **fixed_probes}
+  heads = {}   # Fashion-MNIST test images, and separately the photos
+  photo = head_rows >= len(labels['test'])
+  for split, rows in (('', head_rows[~photo]), ('_photos', head_rows[photo])):
+    got, wanted = _rows(predicted, rows), _rows(teachers, rows)
+    for alias, want in wanted.items():
+      if 'logits' in want:
+        heads[f'top1_agreement{split}/{alias}'] = agreement.top1_agreement(got[alias]['logits'],
+                                                                           want['logits'])
+      if 'saliency' in want:
+        heads[f'saliency_iou{split}/{alias}'] = segmentation.mean_binary_iou(
+            got[alias]['saliency'] > 0.5, want['saliency'] > 0.5)
+  predicted, teachers = _rows(predicted, head_rows), _rows(teachers, head_rows)
   norms = {}
-  after = fidelities(student, held_out, b, norms)
+  after = compare(predicted, teachers, norms)
   return {
-      'probe_sizes': {'train': int(len(train_y)), 'test': int(len(test_y))},
-      'held_out_images': int(len(held_out)),
+      'probe_sizes': {'train': int(len(labels['train'])), 'test': int(len(labels['test']))},
+      'held_out_images': int(len(head_rows)),
       'probes': probes,
       'heads': heads,
       'fidelity': {a: {'before': fidelity_before[a], 'after': after[a]} for a in after},
@@ -144,7 +172,11 @@ def evaluate(options, student, images: dict, held_out: np.ndarray, fidelity_befo
 
 
 class InheritanceReport:
-  """Probes, inherited heads and fidelity before (`start`) and after training (`evaluate`)."""
+  """Probes, inherited heads and fidelity before (`start`) and after training (`evaluate`).
+
+  The teachers are frozen: `start` runs them once over every held-out image and keeps what the
+  report needs, so each `evaluate` runs only the student (once per image, every teacher's
+  prediction from the same pass)."""
 
   DEFAULTS = dict(
       probe_train=2000,               # Fashion-MNIST train images for the kNN / linear probes
@@ -157,29 +189,52 @@ class InheritanceReport:
 
   def __init__(self, options, config):
     self.options = options
-    self.images = held_out_images(options, config.data.fashion_mnist_dir, config.data.image_size)
-    self.before = None
+    images = held_out_images(options, config.data.fashion_mnist_dir, config.data.image_size)
+    (self.train_images, train_y), (test, test_y) = images['train'], images['test']
+    self.labels = {'train': train_y, 'test': test_y}
+    self.pixels = images['pixels']
+    # Evaluation images: the probe test images, then the photos; heads and fidelity use the
+    # first `head_images` test images and the photos.
+    self.eval_images = np.concatenate([test, images['photos']])
+    photos = len(test) + np.arange(len(images['photos']))
+    self.head_rows = np.concatenate([np.arange(min(options.head_images, len(test))), photos])
+    self.picture_rows = photos[:options.pictures]
+    self.before = self.teachers = self.fixed_probes = None
     self.pictures = {}
 
   def head_images(self) -> np.ndarray:
-    test = self.images['test'][0][:self.options.head_images]
-    return np.concatenate([test, self.images['photos']])
+    return self.eval_images[self.head_rows]
 
   def start(self, student) -> None:
-    self.before = fidelities(student, self.head_images(), self.options.batch_size)
+    """Runs the teachers (and the raw-pixel probe) once, and measures the untrained student."""
+    b, k = self.options.batch_size, self.options.knn_k
+    train_y, test_y = self.labels['train'], self.labels['test']
+    self.teachers = teacher_outputs(student, self.eval_images, b)
+    self.fixed_probes = {
+        alias: _probes(batched(lambda x, t=student.teachers[alias]: _global(t, x),
+                               self.train_images, b), out['cls'][:len(test_y)], train_y, test_y, k)
+        for alias, out in self.teachers.items()}
+    pixels = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
+    self.fixed_probes['raw_pixels'] = _probes(*map(pixels, self.pixels), train_y, test_y, k)
+    self.before = compare(batched(student.predict, self.head_images(), b),
+                          _rows(self.teachers, self.head_rows))
 
   def evaluate(self, student) -> dict:
     if self.before is None:
       raise RuntimeError('the inheritance report compares with the untrained student: call '
                          'start(student) before training')
-    self.pictures = pictures(student, self.images['photos'][:self.options.pictures],
-                             self.options.batch_size)
-    return evaluate(self.options, student, self.images, self.head_images(), self.before)
+    b = self.options.batch_size
+    student_train = batched(lambda x: student.features(x)['cls'], self.train_images, b)
+    predicted = batched(student.predict, self.eval_images, b)
+    self.pictures = pictures_of(_rows(predicted, self.picture_rows),
+                                _rows(self.teachers, self.picture_rows))
+    return evaluate(self.options, student_train, predicted, self.teachers, self.labels,
+                    self.fixed_probes, self.head_rows, self.before)
 
   def write(self, results: dict, workdir: str) -> None:
     directory = paths.path(workdir) / 'eval'
     plot_curves(paths.path(workdir) / 'metrics.jsonl', directory / 'curves.png')
-    images = self.images['photos'][:self.options.pictures]
+    images = self.eval_images[self.picture_rows]
     (directory / 'pca.png').write_bytes(picture_grid(images, self.pictures))
     paths.write_text_atomic(directory / 'report.md', markdown(results, list(self.pictures)))
     print(table(results), f'\n(report.md, curves and pictures in {directory})', flush=True)
@@ -239,15 +294,32 @@ def png_bytes(fig) -> bytes:
   return buffer.getvalue()
 
 
+def training_minutes(records: list[dict]) -> list[float]:
+  """Cumulative training time (minutes, evaluation excluded) at each record of metrics.jsonl."""
+  total, previous, out = 0.0, 0, []
+  for r in records:
+    total += r.get('step_time', 0.0) * (r['step'] - previous)
+    previous = r['step']
+    out.append(total / 60)
+  return out
+
+
+HELD_OUT_CURVES = ('probes/student/knn', 'probes/student/linear')
+
+
 def plot_curves(metrics_path, out_path) -> None:
-  """Loss, per-teacher loss and fidelity over steps -> PNG."""
+  """Loss, per-teacher loss and fidelity over steps -> PNG; with the report evaluated more than
+  once (`every`), a fourth panel: its held-out numbers against training time."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   records = metrics.read_jsonl(metrics_path)
   steps = [r['step'] for r in records]
   aliases = sorted(k.split('/', 1)[1] for k in records[0] if k.startswith('loss/'))
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  minutes = dict(zip(steps, training_minutes(records)))
+  evaluated = [r for r in records if 'eval/report/probes/student/knn' in r]
+  fig, axes = plt.subplots(1, 4 if len(evaluated) > 1 else 3,
+                           figsize=(17 if len(evaluated) > 1 else 13, 3.6))
   axes[0].plot(steps, [r['loss'] for r in records])
   axes[0].set(title='total loss', xlabel='step')
   for alias in aliases:
@@ -255,7 +327,17 @@ def plot_curves(metrics_path, out_path) -> None:
     axes[2].plot(steps, [r[f'fidelity/{alias}'] for r in records], label=alias)
   axes[1].set(title='per-teacher loss', xlabel='step')
   axes[2].set(title='fidelity (patch cosine, teacher space)', xlabel='step')
-  for ax in axes[1:]:
+  if len(evaluated) > 1:
+    keys = [k for k in evaluated[-1] if k.startswith('eval/report/') and (
+        k.endswith(HELD_OUT_CURVES) or '/heads/' in k or k.endswith('/after/patches')
+        or k.endswith('/after/cls'))]
+    x = [minutes[r['step']] for r in evaluated]
+    for key in keys:
+      name = key.removeprefix('eval/report/').replace('/after', '').replace('probes/', '')
+      axes[3].plot(x, [r.get(key, float('nan')) for r in evaluated], marker='.', label=name)
+    axes[3].set(title='held-out report', xlabel='training time (min)')
+    axes[3].legend(fontsize=6)
+  for ax in axes[1:3]:
     ax.legend()
   fig.tight_layout()
   paths.path(out_path).write_bytes(png_bytes(fig))
