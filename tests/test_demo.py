@@ -76,6 +76,10 @@ def test_readme_main_job_from_empty_caches(readme_run):
   assert report['probe_sizes'] == {'train': 100, 'test': 50}
   assert set(report['heads']) == {'top1_agreement/effnet', 'saliency_iou/dino',
                                   'top1_agreement_photos/effnet', 'saliency_iou_photos/dino'}
+  assert set(report['targets']) == {
+      'knn_vs_knowledge_base', 'linear_vs_best_teacher', 'top1_agreement/effnet',
+      'saliency_iou/dino',
+      *(f'fidelity/{a}/{p}' for a in ('dino', 'effnet') for p in ('patches', 'cls'))}
   for alias in ('dino', 'effnet'):
     fid = report['fidelity'][alias]
     assert set(fid) == {'before', 'after'} and set(fid['after']) == {'patches', 'cls'}
@@ -90,6 +94,7 @@ def test_readme_main_job_from_empty_caches(readme_run):
   markdown = (run / 'eval' / 'report.md').read_text()
   assert '| student |' in markdown and '![PCA of patch features](pca.png)' in markdown
   assert 'raw_pixels' in proc.stdout and 'saliency_iou/dino' in proc.stdout
+  assert 'target knn_vs_knowledge_base' in proc.stdout and '| target | value |' in markdown
 
 
 def test_colab_notebook_runs_top_to_bottom_on_the_demo_run(readme_run, tmp_path):

@@ -301,6 +301,30 @@ def test_compare_puts_runs_side_by_side(tmp_path):
   assert '| kNN / linear probe: student | 0.800 / 0.850 | 0.700 / 0.850 |' in lines
   assert '| gradient share b: mean / last | 0.38 / 0.25 | 0.57 / 0.25 |' in lines
   assert '| fidelity to b, patches / global | 0.750 / 0.500 | 0.750 / 0.500 |' in lines
-  assert '| training minutes | 1.5 | 1.5 |' in lines and '| images/s (median) | 3.0 | 3.0 |' in lines
+  assert '| training minutes | 1.5 | 1.5 |' in lines
+  assert '| images/s (median) | 3.0 | 3.0 |' in lines
   with pytest.raises(ValueError, match='1 names for 2 runs'):
     compare.table([str(tmp_path / 'shared'), str(tmp_path / 'teacher_space')], ['x'])
+
+
+def test_inheritance_targets_by_hand():
+  """Nothing lost (kNN >= the knowledge base's), the best teacher's linear probe, and each head
+  and fidelity against its option; the photos carry no target."""
+  import ml_collections
+  from kivfm.evals import report as report_lib
+  report = {
+      'probes': {'student': {'knn': 0.79, 'linear': 0.83}, 'kb': {'knn': 0.74, 'linear': 0.77},
+                 'cnn': {'knn': 0.81, 'linear': 0.84}, 'raw_pixels': {'knn': 0.9, 'linear': 0.9}},
+      'heads': {'top1_agreement/cnn': 0.61, 'top1_agreement_photos/cnn': 0.0,
+                'saliency_iou/kb': 0.89},
+      'fidelity': {a: {'after': {'patches': p, 'cls': 0.8}} for a, p in (('kb', 0.9),
+                                                                         ('cnn', 0.5))}}
+  options = ml_collections.ConfigDict(dict(top1_target=0.6, saliency_target=0.9,
+                                           fidelity_target=0.8))
+  got = {k: (v['value'], v['target'], v['met'])
+         for k, v in report_lib.targets(report, 'kb', options).items()}
+  assert got == {'knn_vs_knowledge_base': (0.79, 0.74, True),
+                 'linear_vs_best_teacher': (0.83, 0.84, False),   # raw pixels are no teacher
+                 'top1_agreement/cnn': (0.61, 0.6, True), 'saliency_iou/kb': (0.89, 0.9, False),
+                 'fidelity/kb/patches': (0.9, 0.8, True), 'fidelity/kb/cls': (0.8, 0.8, True),
+                 'fidelity/cnn/patches': (0.5, 0.8, False), 'fidelity/cnn/cls': (0.8, 0.8, True)}

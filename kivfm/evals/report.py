@@ -3,8 +3,8 @@
 Measured on held-out real images (Fashion-MNIST test split from the Debian package, photos from
 scikit-image / scikit-learn), never on the distillation stream:
   * kNN (k=20, cosine) and linear-probe accuracy of global features: student, every teacher and
-    raw pixels (the 28 x 28 images as they are), probes trained on the first `probe_train` train images, tested on the first
-    `probe_test` test images;
+    raw pixels (the 28 x 28 images as they are), probes trained on the first `probe_train` train
+    images, tested on the first `probe_test` test images;
   * top-1 agreement of the student through each classifier teacher's own head with that teacher,
     and saliency-mask IoU (threshold 0.5) through each saliency head, on the Fashion-MNIST test
     images and (suffix '_photos') on the photos;
@@ -171,6 +171,26 @@ def evaluate(options, student_train: np.ndarray, predicted: dict, teachers: dict
   }
 
 
+def targets(report: dict, knowledge_base: str, options) -> dict:
+  """The inheritance targets: name -> {'value', 'target', 'met'}. The student's kNN at least its
+  knowledge base's (nothing lost), its linear probe at least the best teacher's, and every
+  inherited head and fidelity (on the Fashion-MNIST test images) at least its option."""
+  probes, teachers = report['probes'], list(report['fidelity'])
+  rows = {'knn_vs_knowledge_base': (probes['student']['knn'], probes[knowledge_base]['knn']),
+          'linear_vs_best_teacher': (probes['student']['linear'],
+                                     max(probes[a]['linear'] for a in teachers))}
+  option = {'top1_agreement': options.top1_target, 'saliency_iou': options.saliency_target}
+  for name, value in report['heads'].items():
+    if name.split('/')[0] in option:   # not the photos
+      rows[name] = (value, option[name.split('/')[0]])
+  for alias in teachers:
+    for part in ('patches', 'cls'):
+      rows[f'fidelity/{alias}/{part}'] = (report['fidelity'][alias]['after'][part],
+                                          options.fidelity_target)
+  return {name: {'value': value, 'target': target, 'met': bool(value >= target)}
+          for name, (value, target) in rows.items()}
+
+
 class InheritanceReport:
   """Probes, inherited heads and fidelity before (`start`) and after training (`evaluate`).
 
@@ -185,10 +205,14 @@ class InheritanceReport:
       head_images=256,                # test images (+ the offline photos) for heads / fidelity
       pictures=6,                     # offline photos shown in pca.png
       batch_size=64,
+      top1_target=0.6,                # targets (`targets`): classifier agreement,
+      saliency_target=0.9,            # saliency IoU,
+      fidelity_target=0.8,            # fidelity to every teacher, patches and global
   )
 
   def __init__(self, options, config):
     self.options = options
+    self.knowledge_base = config.student.knowledge_base
     images = held_out_images(options, config.data.fashion_mnist_dir, config.data.image_size)
     (self.train_images, train_y), (test, test_y) = images['train'], images['test']
     self.labels = {'train': train_y, 'test': test_y}
@@ -228,8 +252,9 @@ class InheritanceReport:
     predicted = batched(student.predict, self.eval_images, b)
     self.pictures = pictures_of(_rows(predicted, self.picture_rows),
                                 _rows(self.teachers, self.picture_rows))
-    return evaluate(self.options, student_train, predicted, self.teachers, self.labels,
-                    self.fixed_probes, self.head_rows, self.before)
+    report = evaluate(self.options, student_train, predicted, self.teachers, self.labels,
+                      self.fixed_probes, self.head_rows, self.before)
+    return {**report, 'targets': targets(report, self.knowledge_base, self.options)}
 
   def write(self, results: dict, workdir: str) -> None:
     directory = paths.path(workdir) / 'eval'
@@ -251,6 +276,9 @@ def table(report: dict) -> str:
     lines.append(f'fidelity/{alias:<20} patches {f["before"]["patches"]:.3f} -> '
                  f'{f["after"]["patches"]:.3f}   cls {f["before"]["cls"]:.3f} -> '
                  f'{f["after"]["cls"]:.3f}')
+  for name, t in report.get('targets', {}).items():
+    lines.append(f'target {name:<30}{t["value"]:>8.3f} >= {t["target"]:.3f}  '
+                 f'{"met" if t["met"] else "NOT met"}')
   return '\n'.join(lines)
 
 
@@ -271,6 +299,10 @@ def markdown(report: dict, picture_names: list[str]) -> str:
     lines.append(f'| {alias} | {f["before"]["patches"]:.3f} -> {f["after"]["patches"]:.3f} | '
                  f'{f["before"]["cls"]:.3f} -> {f["after"]["cls"]:.3f} | '
                  f'{n["teacher"]:.3g} / {n["student"]:.3g} |')
+  if 'targets' in report:
+    lines += ['', '| target | value | at least | met |', '|---|---|---|---|']
+    lines += [f'| {name} | {t["value"]:.3f} | {t["target"]:.3f} | {"yes" if t["met"] else "no"} |'
+              for name, t in report['targets'].items()]
   lines += ['', '![training curves](curves.png)', '',
             'First three principal components of the patch features (columns: image, '
             + ', '.join(picture_names) + '):', '', '![PCA of patch features](pca.png)', '']
@@ -308,8 +340,9 @@ HELD_OUT_CURVES = ('probes/student/knn', 'probes/student/linear')
 
 
 def plot_curves(metrics_path, out_path) -> None:
-  """Loss, per-teacher loss and fidelity over steps -> PNG; with the report evaluated more than
-  once (`every`), a fourth panel: its held-out numbers against training time."""
+  """Loss, per-teacher loss, fidelity (and classifier agreement) on the training batches over
+  steps -> PNG; with the report evaluated more than once (`every`), a fourth panel: its
+  held-out numbers against training time."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -325,8 +358,11 @@ def plot_curves(metrics_path, out_path) -> None:
   for alias in aliases:
     axes[1].plot(steps, [r[f'loss/{alias}'] for r in records], label=alias)
     axes[2].plot(steps, [r[f'fidelity/{alias}'] for r in records], label=alias)
+    if f'head_agreement/{alias}' in records[-1]:   # distilled through its classifier
+      axes[2].plot(steps, [r.get(f'head_agreement/{alias}', np.nan) for r in records], ':',
+                   label=f'{alias} top-1 agreement')
   axes[1].set(title='per-teacher loss', xlabel='step')
-  axes[2].set(title='fidelity (patch cosine, teacher space)', xlabel='step')
+  axes[2].set(title='on the training batch: fidelity (patch cosine)', xlabel='step')
   if len(evaluated) > 1:
     keys = [k for k in evaluated[-1] if k.startswith('eval/report/') and (
         k.endswith(HELD_OUT_CURVES) or '/heads/' in k or k.endswith('/after/patches')
