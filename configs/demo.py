@@ -14,7 +14,8 @@ lists the numbers of a full run.
 
 Variants (`--config=configs/demo.py:VARIANT[,VARIANT]`):
   short          the CI version (a few steps, small probes)
-  long           about an hour on 2 CPU cores; the report every 500 steps (curves against time)
+  long           3,000 steps, 36 minutes on 2 CPU cores; the report every 500 steps (curves
+                 against training time)
   teacher_space  the AM-RADIO / Theia baseline: s2t heads on raw teacher features, no shared
                  latent space (unifier.shared_dim = 0, normalizer = 'none')
   no_head_loss   without distillation through EfficientNet's classifier (loss.head_weight = 0)

@@ -263,7 +263,7 @@ def test_training_time_and_report_curves(tmp_path):
   import json
   from PIL import Image
   from kivfm.evals import report
-  base = {'loss': 1.0, 'loss/a': 1.0, 'fidelity/a': 0.5}
+  base = {'loss': 1.0, 'loss/a': 1.0, 'fidelity/a': 0.5, 'head_agreement/a': 0.25}
   records = [{**base, 'step': 10, 'step_time': 6.0}, {**base, 'step': 20, 'step_time': 3.0},
              {**base, 'step': 25, 'step_time': 12.0}]
   assert report.training_minutes(records) == pytest.approx([1.0, 1.5, 2.5])

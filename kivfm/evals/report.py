@@ -359,8 +359,10 @@ def plot_curves(metrics_path, out_path) -> None:
     axes[1].plot(steps, [r[f'loss/{alias}'] for r in records], label=alias)
     axes[2].plot(steps, [r[f'fidelity/{alias}'] for r in records], label=alias)
     if f'head_agreement/{alias}' in records[-1]:   # distilled through its classifier
-      axes[2].plot(steps, [r.get(f'head_agreement/{alias}', np.nan) for r in records], ':',
-                   label=f'{alias} top-1 agreement')
+      window = min(25, len(records))                 # a batch is few images: a running mean
+      agree = np.convolve([r.get(f'head_agreement/{alias}', np.nan) for r in records],
+                          np.ones(window) / window, mode='valid')
+      axes[2].plot(steps[window - 1:], agree, ':', label=f'{alias} top-1 agreement')
   axes[1].set(title='per-teacher loss', xlabel='step')
   axes[2].set(title='on the training batch: fidelity (patch cosine)', xlabel='step')
   if len(evaluated) > 1:
