@@ -63,7 +63,7 @@ def batched(fn, images: np.ndarray, batch: int) -> dict:
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
 
-def compare(predicted: dict, teachers: dict, norms: dict | None = None) -> dict:
+def fidelity_of(predicted: dict, teachers: dict, norms: dict | None = None) -> dict:
   """alias -> {'patches', 'cls'} cosine fidelity of the student's predictions (`predicted`, as
   from `Inherited.predict`) to the teachers' outputs (`teachers`: alias -> outputs); `norms`,
   when given, receives alias -> mean patch-feature norm {'teacher', 'student'}."""
@@ -83,9 +83,9 @@ def teacher_outputs(student, images: np.ndarray, batch: int) -> dict:
 
 
 def fidelities(student, images: np.ndarray, batch: int, norms: dict | None = None) -> dict:
-  """`compare` on `images`, running the student and the teachers."""
-  return compare(batched(student.predict, images, batch), teacher_outputs(student, images, batch),
-                 norms)
+  """`fidelity_of` on `images`, running the student and the teachers."""
+  return fidelity_of(batched(student.predict, images, batch),
+                     teacher_outputs(student, images, batch), norms)
 
 
 def pca_rgb(*patches: np.ndarray) -> list[np.ndarray]:
@@ -160,7 +160,7 @@ def evaluate(options, student_train: np.ndarray, predicted: dict, teachers: dict
             got[alias]['saliency'] > 0.5, want['saliency'] > 0.5)
   predicted, teachers = _rows(predicted, head_rows), _rows(teachers, head_rows)
   norms = {}
-  after = compare(predicted, teachers, norms)
+  after = fidelity_of(predicted, teachers, norms)
   return {
       'probe_sizes': {'train': int(len(labels['train'])), 'test': int(len(labels['test']))},
       'held_out_images': int(len(head_rows)),
@@ -240,8 +240,8 @@ class InheritanceReport:
         for alias, out in self.teachers.items()}
     pixels = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0
     self.fixed_probes['raw_pixels'] = _probes(*map(pixels, self.pixels), train_y, test_y, k)
-    self.before = compare(batched(student.predict, self.head_images(), b),
-                          _rows(self.teachers, self.head_rows))
+    self.before = fidelity_of(batched(student.predict, self.head_images(), b),
+                              _rows(self.teachers, self.head_rows))
 
   def evaluate(self, student) -> dict:
     if self.before is None:
