@@ -121,17 +121,32 @@ def resize(x, size, mode: str = 'bilinear', antialias: bool = False):
 # ------------------------------------------------------------------------------------ the ViT
 
 
+def rope(x, grid: tuple[int, int], theta: float):
+  """DINOv3 rotary positions on the last h * w tokens of heads x [B, H, N, Dh] (the patches)."""
+  (h, w), dh = grid, x.shape[-1]
+  centres = lambda m: (torch.arange(m, dtype=torch.float64) + 0.5) / m * 2 - 1
+  coords = torch.stack(torch.meshgrid(centres(h), centres(w), indexing='ij'), -1).reshape(-1, 2)
+  inv_freq = 1 / theta ** (torch.arange(dh // 4, dtype=torch.float64) * 4 / dh)
+  angles = (2 * math.pi * coords[:, :, None] * inv_freq).reshape(h * w, dh // 2).tile(2)
+  sin, cos = torch.sin(angles).float(), torch.cos(angles).float()
+  prefix, patches = x[..., :-h * w, :], x[..., -h * w:, :]
+  first, second = patches.chunk(2, dim=-1)
+  return torch.cat([prefix, patches * cos + torch.cat([-second, first], dim=-1) * sin], dim=-2)
+
+
 class Attention(nn.Module):
-  def __init__(self, p: _Params, num_heads: int, lora_scale: float):
+  def __init__(self, p: _Params, num_heads: int, lora_scale: float, rope_theta: float | None):
     super().__init__()
     self.query, self.key, self.value, self.out = (
         Dense(p / n, lora_scale) for n in ('query', 'key', 'value', 'out'))
-    self.num_heads = num_heads
+    self.num_heads, self.rope_theta = num_heads, rope_theta
 
-  def forward(self, x):
+  def forward(self, x, grid):
     b, n, d = x.shape
     heads = lambda t: t.reshape(b, n, self.num_heads, d // self.num_heads).transpose(1, 2)
     q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+    if self.rope_theta is not None:
+      q, k = rope(q, grid, self.rope_theta), rope(k, grid, self.rope_theta)
     probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.num_heads), dim=-1)
     return self.out((probs @ v).transpose(1, 2).reshape(b, n, d))
 
@@ -167,16 +182,16 @@ class Block(nn.Module):
     super().__init__()
     eps = vit['norm_eps']
     self.norm1, self.norm2 = LayerNorm(p / 'norm1', eps), LayerNorm(p / 'norm2', eps)
-    self.attn = Attention(p / 'attn', vit['num_heads'], lora_scale)
+    self.attn = Attention(p / 'attn', vit['num_heads'], lora_scale, vit.get('rope_theta'))
     self.mlp = Mlp(p / 'mlp', vit['act'], lora_scale)
     self.ls1 = p('ls1.gamma') if p.has('ls1.gamma') else None
     self.ls2 = p('ls2.gamma') if p.has('ls2.gamma') else None
     has_adapter = p.has('adapter.down.kernel')
     self.adapter = Bottleneck(p / 'adapter', adapter['scale']) if has_adapter else None
 
-  def forward(self, x):
+  def forward(self, x, grid):
     scale = lambda g, h: h if g is None else h * g
-    h = x + scale(self.ls1, self.attn(self.norm1(x)))
+    h = x + scale(self.ls1, self.attn(self.norm1(x), grid))
     h = h + scale(self.ls2, self.mlp(self.norm2(h)))
     return h if self.adapter is None else h + self.adapter(x)
 
@@ -191,7 +206,7 @@ class ViT(nn.Module):
     self.patch_embed = Conv(p / 'patch_embed', stride=vit['patch_size'])
     self.cls_token = p('cls_token') if vit['class_token'] else None
     self.registers = p('registers') if vit['num_registers'] else None
-    self.pos_embed = p('pos_embed')
+    self.pos_embed = None if vit.get('rope_theta') else p('pos_embed')  # else rotary positions
     self.blocks = nn.ModuleList([Block(p / f'blocks.{i}', vit, adapter, lora_scale)
                                  for i in range(vit['depth'])])
     self.norm = LayerNorm(p / 'norm', vit['norm_eps']) if vit['final_norm'] else None
@@ -217,17 +232,19 @@ class ViT(nn.Module):
     cfg = self.cfg
     x = self.patch_embed(x)
     b, h, w, d = x.shape
-    x = (x + self.position_grid(h, w)).reshape(b, h * w, d)
+    if self.pos_embed is not None:
+      x = x + self.position_grid(h, w)
+    x = x.reshape(b, h * w, d)
     if self.cls_token is not None:
       cls = self.cls_token
-      if cfg['pos_embed_cls']:
+      if cfg['pos_embed_cls'] and self.pos_embed is not None:
         cls = cls + self.pos_embed[:, :1]
       x = torch.cat([cls.expand(b, 1, d), x], dim=1)
     if self.registers is not None:
       n = int(cfg['class_token'])
       x = torch.cat([x[:, :n], self.registers.expand(b, -1, d), x[:, n:]], dim=1)
     for block in self.blocks:
-      x = block(x)
+      x = block(x, (h, w))
     if self.norm is not None:
       x = self.norm(x)
     patches = x[:, int(cfg['class_token']) + cfg['num_registers']:]

@@ -32,3 +32,20 @@ def flat(tree) -> dict:
   """path string -> leaf of a pytree of parameters."""
   from kivfm.weights.readers import path_str
   return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def perturb(model, seed: int):
+  """A torch reference model in eval mode with noise on every parameter, so zero / one
+  initialisations (biases, LayerScale, norms, relative positions) cannot hide a wrong mapping."""
+  import torch
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn(p.shape, generator=gen))
+  return model.eval()
+
+
+def torch_images(batch: int, size: tuple[int, int], seed: int):
+  """Seeded standard-normal NCHW torch images."""
+  import torch
+  return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))

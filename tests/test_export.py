@@ -176,3 +176,24 @@ def test_push_to_hub_uploads_the_folder(run, monkeypatch):
   monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
   assert export.push_to_hub(out, 'me/kivfm-demo').endswith('/commit/0')
   assert calls == [('create', 'me/kivfm-demo', True), ('upload', str(out), 'me/kivfm-demo')]
+
+
+def test_torch_vit_matches_kivfm_with_rotary_positions():
+  """The PyTorch module's ViT with a DINOv3-shaped knowledge base (rotary positions, storage
+  tokens, no key bias) at a square and a non-square size."""
+  import dataclasses
+  from kivfm import teachers, torch_student
+  from kivfm.weights.readers import flatten
+  teacher = teachers.build('tiny-dinov3', dtype=jnp.float32, seed=1)
+  arch = dataclasses.asdict(teacher.spec.arch)
+  state = flatten(nnx.to_pure_dict(nnx.state(teacher.model)), sep='.')
+  tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+  assert 'pos_embed' not in tensors and 'blocks.0.attn.key.bias' not in tensors
+  model = torch_student.ViT(torch_student._Params(tensors), arch,
+                            {'kind': 'bottleneck', 'lora_alpha': 1.0, 'lora_rank': 1})
+  for shape in ((2, 32, 32, 3), (1, 24, 48, 3)):
+    x = np.random.default_rng(shape[1]).normal(size=shape).astype(np.float32)
+    want = teacher.model(x)
+    cls, patches = model(torch.from_numpy(x))
+    np.testing.assert_allclose(cls.numpy(), want['cls'], atol=TOL)
+    np.testing.assert_allclose(patches.numpy(), want['patches'], atol=TOL)

@@ -15,9 +15,11 @@ from kivfm.data import synthetic, transforms
 from kivfm.models.student import Student
 
 
-@pytest.mark.parametrize('adapter', ['bottleneck', 'lora', 'none'])
-def test_student_equals_knowledge_base_at_step_zero(adapter):
-  kb = teachers.build('tiny-dino', dtype=jnp.float32, seed=3)
+@pytest.mark.parametrize('kb_name,adapter', [
+    ('tiny-dino', 'bottleneck'), ('tiny-dino', 'lora'), ('tiny-dino', 'none'),
+    ('tiny-dinov3', 'bottleneck'), ('tiny-dinov3', 'lora')])
+def test_student_equals_knowledge_base_at_step_zero(kb_name, adapter):
+  kb = teachers.build(kb_name, dtype=jnp.float32, seed=3)
   spec = kb.spec
   student = Student(spec.arch, image_size=spec.image_size, mean=spec.mean, std=spec.std,
                     adapter=adapter, adapter_dim=8, rngs=nnx.Rngs(7))

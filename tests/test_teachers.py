@@ -41,15 +41,19 @@ PARAMS_MILLIONS = {
 FAST_COMPILE = sharding.RUN_ONCE_COMPILER_OPTIONS  # small programs run once: compile cheaply
 
 
-def _abstract_size(spec: registry.TeacherSpec) -> int:
-  """Side used for the abstract build: native, except SAM's 1024 (256 still pads windows)."""
-  return min(spec.image_size[0], 256)
+def _other_size(spec: registry.TeacherSpec) -> tuple[int, int]:
+  """A non-square resolution other than the native one (two patches fewer, three more)."""
+  step = 32 if spec.family in ('efficientnet', 'convnext') else spec.arch.patch_size
+  h, w = spec.image_size
+  return h - 2 * step, w + 3 * step
 
 
-def _patch_grid(spec: registry.TeacherSpec, size: int) -> int:
-  if spec.family == 'efficientnet':
-    return -(-size // 32)
-  return size // spec.arch.patch_size
+def _grid(spec: registry.TeacherSpec, size: tuple[int, int]) -> tuple[int, int]:
+  if spec.family == 'efficientnet':  # 'SAME' strides: ceil; ConvNeXt's 'VALID': floor
+    return tuple(-(-s // 32) for s in size)
+  if spec.family == 'convnext':
+    return tuple(s // 32 for s in size)
+  return tuple(s // spec.arch.patch_size for s in size)
 
 
 @pytest.fixture
@@ -65,37 +69,43 @@ def fast_tracing(monkeypatch):
 
 @pytest.mark.parametrize('name', registry.names())
 def test_registered_teacher_builds_abstractly(name, fast_tracing):
+  """Every registered teacher, without weights: its parameters, and its output contract at its
+  native resolution and at a non-square other one."""
   spec = registry.get(name)
-  size = _abstract_size(spec)
+  sizes = (spec.image_size, _other_size(spec))
 
   def build_and_run(images):
-    teacher = teachers.Teacher(spec, image_size=size, rngs=nnx.Rngs(0))
-    return nnx.to_pure_dict(nnx.state(teacher)), teacher(images)
+    teacher = teachers.Teacher(spec, rngs=nnx.Rngs(0))
+    outs = []
+    for size in sizes:
+      teacher.image_size = size
+      outs.append(teacher(images))
+    return nnx.to_pure_dict(nnx.state(teacher)), outs
 
-  params, out = jax.eval_shape(build_and_run, jax.ShapeDtypeStruct((2, size, size, 3), jnp.uint8))
+  params, outs = jax.eval_shape(build_and_run, jax.ShapeDtypeStruct((2, 40, 40, 3), jnp.uint8))
   assert set(params) == ({'model', 'head'} if spec.head else {'model'})
   if name in PARAMS_MILLIONS:
     count = sum(x.size for x in jax.tree.leaves(params['model'])) / 1e6
     assert count == pytest.approx(PARAMS_MILLIONS[name], rel=2e-3), (name, count)
-  out.pop('hidden', None)
-  assert set(out) == {'cls', 'patches', *spec.outputs}, name
-
-  grid = _patch_grid(spec, size)
-  width = out['patches'].shape[-1]
-  assert out['patches'].shape == (2, grid, grid, width)
-  assert out['patches'].dtype == jnp.bfloat16
-  assert out['cls'].shape == (2, width)  # 'cls' and 'patches' share the backbone width
-  assert not (set(out) - {'cls', 'patches'} - OTHER_WIDTHS), 'document new native outputs'
-  if spec.family == 'vit':
-    assert width == spec.arch.width
-  # The native heads have their own widths.
-  expected = {
-      'embedding': (2, getattr(spec.arch, 'proj_dim', None) or width),  # CLIP projects; SigLIP not
-      'neck': (2, grid, grid, getattr(spec.arch, 'neck_dim', 0)),
-      'logits': (2, getattr(spec.arch, 'num_classes', 0)),
-      'saliency': (2, size, size, 1)}
-  for key in spec.outputs:
-    assert out[key].shape == expected[key], (name, key)
+  for size, out in zip(sizes, outs):
+    out.pop('hidden', None)
+    assert set(out) == {'cls', 'patches', *spec.outputs}, name
+    grid = _grid(spec, size)
+    width = out['patches'].shape[-1]
+    assert out['patches'].shape == (2, *grid, width), (name, size)
+    assert out['patches'].dtype == jnp.bfloat16
+    assert out['cls'].shape == (2, width)  # 'cls' and 'patches' share the backbone width
+    assert not (set(out) - {'cls', 'patches'} - OTHER_WIDTHS), 'document new native outputs'
+    if spec.family == 'vit':
+      assert width == spec.arch.width
+    # The native heads have their own widths.
+    expected = {
+        'embedding': (2, getattr(spec.arch, 'proj_dim', None) or width),  # CLIP projects
+        'neck': (2, *grid, getattr(spec.arch, 'neck_dim', 0)),
+        'logits': (2, getattr(spec.arch, 'num_classes', 0)),
+        'saliency': (2, *size, 1)}
+    for key in spec.outputs:
+      assert out[key].shape == expected[key], (name, key, size)
 
 
 def test_registry_sources_and_converters():
@@ -106,8 +116,14 @@ def test_registry_sources_and_converters():
     assert spec.family in teachers.FAMILIES, name
     assert not spec.head or spec.head in teachers.HEADS, name
     assert len(spec.image_size) == 2 and len(spec.mean) == 3 and len(spec.std) == 3, name
+    assert all(0 < m < 1 for m in spec.mean) and all(0 < s < 1 for s in spec.std), name
+    assert spec.description, name
+    if not name.startswith('tiny-'):  # real models: where the weights are, under which licence
+      assert spec.licence, f'{name}: no licence'
+      assert spec.sources or 'weights=PATH' in spec.description, f'{name}: no weight source'
     if spec.family == 'vit':
-      assert all(s % spec.arch.patch_size == 0 for s in spec.image_size), name
+      # Not always a multiple of the patch: SigLIP so400m/14 at 384 px has 27 x 27 patches.
+      assert min(spec.image_size) >= spec.arch.patch_size, name
       assert all(0 <= i < spec.arch.depth for i in spec.arch.global_layers), name
     if spec.sources or spec.converter:
       assert spec.converter in converters, name
@@ -117,7 +133,7 @@ def test_registry_sources_and_converters():
       assert source.sha256 is None or SHA256.fullmatch(source.sha256), (name, source.sha256)
       if source.kind == 'hf':
         assert HF_REPO.fullmatch(source.name), (name, source.name)
-        assert source.file.endswith(('.safetensors', '.bin', '.pth')), name
+        assert source.file.endswith(('.safetensors', '.bin', '.pth', '.safetensors.index.json'))
       elif source.kind == 'package':
         assert all(part.isidentifier() for part in source.name.split('.')), name
         assert source.sha256, f'{name}: package files are fixed, pin them'
@@ -147,6 +163,39 @@ def tiny_dinov2(tmp_path_factory):
   spec = registry.TeacherSpec(name='test-tiny-dinov2-hf', family='vit', image_size=(32, 32),
                               arch=vit_port.config_from_hf(model.config), converter='dinov2_hf')
   return model, path, spec
+
+
+@pytest.mark.parametrize('family', ['vit', 'convnext'])
+def test_dinov3_weights_load_from_hub_or_original_layout(family, tmp_path, monkeypatch):
+  """A DINOv3 teacher's registry converter takes the Hub file and, through weights=PATH, the
+  original repo's .pth as well: the same parameters either way."""
+  transformers = pytest.importorskip('transformers')
+  torch = pytest.importorskip('torch')
+  from safetensors.numpy import save_file
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path))
+  if family == 'vit':
+    from test_vit_parity import DINOV3, _to_dinov3_original
+    hf = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**DINOV3['gelu-reg4']))
+    arch, converter = vit_port.config_from_hf(hf.config), 'dinov3_hf'
+    to_original = lambda state: _to_dinov3_original(state, arch)
+  else:
+    from test_convnext import CONFIGS, _to_original as to_original
+    from kivfm.teachers import convnext_port
+    hf = transformers.DINOv3ConvNextModel(transformers.DINOv3ConvNextConfig(**CONFIGS['w8']))
+    arch, converter = convnext_port.config_from_hf(hf.config), 'dinov3_convnext_hf'
+  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  hub, original = tmp_path / 'model.safetensors', tmp_path / 'dinov3_original.pth'
+  save_file({k.removeprefix('model.'): v for k, v in state.items()}, hub)
+  torch.save({k: torch.from_numpy(v) for k, v in to_original(state).items()}, original)
+  spec = registry.TeacherSpec(name=f'test-dinov3-{family}', family=family, arch=arch,
+                              image_size=(64, 64), converter=converter)
+  from_hub = flatten(teachers.pretrained_params(spec, weights=str(hub)))
+  from_original = flatten(teachers.pretrained_params(spec, weights=str(original)))
+  assert from_hub.keys() == from_original.keys()
+  for key, value in from_hub.items():
+    np.testing.assert_array_equal(value, from_original[key], err_msg=key)
+  teacher = teachers.load_spec(spec, weights=str(original))
+  assert np.isfinite(np.asarray(teacher(_uint8_images(1, 64))['patches'])).all()
 
 
 def _jit(teacher: teachers.Teacher):

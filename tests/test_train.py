@@ -281,11 +281,14 @@ def test_a_step_with_gradient_shares_runs_the_teachers_once(monkeypatch):
   assert scalars['grad_norm/dino'] > 0 and scalars['grad_norm/vitb'] > 0
 
 
-def test_adapters_in_the_last_blocks_share_the_trunk_with_the_knowledge_base(monkeypatch):
+@pytest.mark.parametrize('kb_name', ['tiny-dino', 'tiny-dinov3'])
+def test_adapters_in_the_last_blocks_share_the_trunk_with_the_knowledge_base(monkeypatch, kb_name):
   """student.adapter_blocks=1: the frozen block below the adapter runs once per step for both the
-  student and the knowledge-base teacher; at step 0 the step equals the unshared one."""
+  student and the knowledge-base teacher (a DINOv2- or DINOv3-shaped one); at step 0 the step
+  equals the unshared one."""
   from kivfm.models import vit
   config = smoke(**{'student.adapter_blocks': 1})
+  config.teachers.dino.name = kb_name
   run = build(config)
   assert assembly.shares_trunk(config, run)
   trainable = [k for k in flat(run.state.params) if k.startswith('student/')]

@@ -1,6 +1,6 @@
 """Parity of `kivfm.models.vit.ViT` + `kivfm.teachers.vit_port` with randomly initialised
 transformers models (no download): DINOv2 (HF hub and transformers-5 names, registers, the
-original repo layout), CLIP, SigLIP, SigLIP2 NaFlex and SAM, each at two configs, at the native
+original repo layout), DINOv3 (rotary positions, storage tokens; HF and original layouts), CLIP, SigLIP, SigLIP2 NaFlex and SAM, each at two configs, at the native
 resolution and at a non-square other one. float32, max-abs <= 1e-4 on every output."""
 from __future__ import annotations
 
@@ -17,25 +17,11 @@ from kivfm.models.vit import ViT, ViTConfig, resize_matrix  # noqa: E402
 from kivfm.teachers import vit_port  # noqa: E402
 from kivfm.weights.errors import ShapeMismatchError  # noqa: E402
 
-from helpers import ported  # noqa: E402
+from helpers import perturb, ported, torch_images  # noqa: E402
 
 TOL = 1e-4
 BATCH = 2
 FAST_COMPILE = {'xla_backend_optimization_level': 0}  # tiny models: compile time dominates
-
-
-def _perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-  """Adds noise to every parameter so zero / one initialisations (biases, LayerScale, norms,
-  relative positions, SAM's zero position table) cannot hide a wrong mapping."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn(p.shape, generator=gen))
-  return model.eval()
-
-
-def _images(size: tuple[int, int], seed: int) -> torch.Tensor:
-  return torch.randn(BATCH, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
 def _ours(cfg, pure):
@@ -147,13 +133,13 @@ def _dinov2_case(name: str, registers: int, seed: int):
         transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw))
   else:
     hf = transformers.Dinov2Model(transformers.Dinov2Config(**kw))
-  return _perturb(hf, seed), vit_port.config_from_hf(hf.config)
+  return perturb(hf, seed), vit_port.config_from_hf(hf.config)
 
 
 def _dinov2_check(hf, cfg, pure, label: str) -> None:
   ours = _ours(cfg, pure)
   for i, size in enumerate(SIZES[cfg.patch_size]):
-    x = _images(size, i)
+    x = torch_images(BATCH, size, i)
     with torch.no_grad():
       ref = _tokens_ref(hf(pixel_values=x, output_hidden_states=True), 1 + cfg.num_registers,
                         _grid(size, cfg.patch_size))
@@ -194,6 +180,99 @@ def test_port_reports_every_key_problem():
   assert 'mask_token' not in message
 
 
+# --------------------------------------------------------------------------------------- DINOv3
+
+DINOV3 = {  # ViT-S-like (4 registers, no key bias); 7B-like (SwiGLU, no qkv biases, no registers)
+    'gelu-reg4': dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, patch_size=8, image_size=32, num_register_tokens=4,
+                      layerscale_value=0.5),
+    'swiglu-nobias': dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3,
+                          intermediate_size=40, patch_size=4, image_size=24, use_gated_mlp=True,
+                          hidden_act='silu', query_bias=False, value_bias=False, rope_theta=50.0),
+    'head32-reg1': dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, patch_size=16, image_size=48, num_register_tokens=1,
+                        key_bias=True),
+}
+
+
+def _dinov3_case(name: str, seed: int):
+  hf = transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**DINOV3[name]))
+  return perturb(hf, seed), vit_port.config_from_hf(hf.config)
+
+
+def _to_dinov3_original(state: dict, cfg: ViTConfig) -> dict:
+  """transformers-5 DINOv3 state dict -> the facebookresearch/dinov3 layout (fused qkv with a
+  key-bias mask, storage tokens, SwiGLU w1 / w2 / w3, stored RoPE periods)."""
+  d = cfg.width
+  periods = cfg.rope_theta ** (np.arange(cfg.head_dim // 4) * 4 / cfg.head_dim)
+  out = {'cls_token': state['embeddings.cls_token'], 'mask_token': state['embeddings.mask_token'][0],
+         'rope_embed.periods': periods.astype(np.float32),
+         'norm.weight': state['norm.weight'], 'norm.bias': state['norm.bias'],
+         'patch_embed.proj.weight': state['embeddings.patch_embeddings.weight'],
+         'patch_embed.proj.bias': state['embeddings.patch_embeddings.bias']}
+  if cfg.num_registers:
+    out['storage_tokens'] = state['embeddings.register_tokens']
+  mlp = {'gate_proj': 'w1', 'up_proj': 'w2', 'down_proj': 'w3'} if cfg.act == 'swiglu' else {
+      'up_proj': 'fc1', 'down_proj': 'fc2'}
+  for i in range(cfg.depth):
+    a, b = f'model.layer.{i}.', f'blocks.{i}.'
+    get = lambda name: state[a + name]
+    for t in ('weight', 'bias'):
+      out[f'{b}norm1.{t}'], out[f'{b}norm2.{t}'] = get(f'norm1.{t}'), get(f'norm2.{t}')
+      out[f'{b}attn.proj.{t}'] = get(f'attention.o_proj.{t}')
+      for theirs, ours in mlp.items():
+        out[f'{b}mlp.{ours}.{t}'] = get(f'mlp.{theirs}.{t}')
+    out[f'{b}attn.qkv.weight'] = np.concatenate([get(f'attention.{n}_proj.weight') for n in 'qkv'])
+    if cfg.qkv_bias:  # a nonzero key bias that the mask must remove
+      key = get('attention.k_proj.bias') if cfg.key_bias else np.full(d, 7.0, np.float32)
+      out[f'{b}attn.qkv.bias'] = np.concatenate(
+          [get('attention.q_proj.bias'), key, get('attention.v_proj.bias')])
+      mask = np.ones(3 * d, np.float32)
+      mask[d:2 * d] = float(cfg.key_bias)
+      out[f'{b}attn.qkv.bias_mask'] = mask
+    out[f'{b}ls1.gamma'] = get('layer_scale1.lambda1')
+    out[f'{b}ls2.gamma'] = get('layer_scale2.lambda1')
+  return out
+
+
+def _dinov3_check(hf, cfg, pure, label: str) -> None:
+  ours = _ours(cfg, pure)
+  p = cfg.patch_size
+  for i, size in enumerate([(3 * p, 3 * p), (2 * p, 5 * p), (6 * p, 4 * p)]):
+    x = torch_images(BATCH, size, i)
+    with torch.no_grad():
+      out = hf(pixel_values=x, output_hidden_states=True)
+    ref = _tokens_ref(out, 1 + cfg.num_registers, _grid(size, p))
+    assert len(out.hidden_states) == cfg.depth + 1
+    ref['cls'] = _np(out.pooler_output)
+    _compare(ours(x), ref, f'{label} {size}')
+
+
+@pytest.mark.parametrize('name', list(DINOV3))
+def test_dinov3_hf(name):
+  hf, cfg = _dinov3_case(name, seed=11)
+  assert cfg.rope_theta and (cfg.act == 'swiglu') == ('swiglu' in name)
+  state = _state(hf)
+  if name == 'swiglu-nobias':  # Hub files: `layer.{i}` (no `model.`), under an outer prefix
+    state = {'backbone.' + k.replace('model.layer.', 'layer.'): v for k, v in state.items()}
+  _dinov3_check(hf, cfg, vit_port.from_dinov3_hf(state, cfg), f'dinov3 {name}')
+
+
+@pytest.mark.parametrize('name', ['gelu-reg4', 'swiglu-nobias'])
+def test_dinov3_original_layout(name):
+  hf, cfg = _dinov3_case(name, seed=12)
+  pure = vit_port.from_dinov3_original(_to_dinov3_original(_state(hf), cfg), cfg)
+  _dinov3_check(hf, cfg, pure, f'dinov3-orig {name}')
+
+
+def test_dinov3_original_layout_checks_rope_periods():
+  hf, cfg = _dinov3_case('gelu-reg4', seed=13)
+  state = _to_dinov3_original(_state(hf), cfg)
+  state['rope_embed.periods'] = state['rope_embed.periods'] * 2
+  with pytest.raises(ValueError, match='rope_embed.periods'):
+    vit_port.from_dinov3_original(state, cfg)
+
+
 # ----------------------------------------------------------------------------------------- CLIP
 
 CLIP = {
@@ -207,12 +286,12 @@ CLIP = {
 
 @pytest.mark.parametrize('name', list(CLIP))
 def test_clip(name):
-  hf = _perturb(transformers.CLIPVisionModelWithProjection(
+  hf = perturb(transformers.CLIPVisionModelWithProjection(
       transformers.CLIPVisionConfig(**CLIP[name])), seed=4)
   cfg = vit_port.config_from_hf(hf.config)
   ours = _ours(cfg, vit_port.from_clip_hf(_state(hf), cfg))
   for i, size in enumerate(SIZES[cfg.patch_size]):
-    x = _images(size, i)
+    x = torch_images(BATCH, size, i)
     with torch.no_grad():
       tower = hf.vision_model(x, interpolate_pos_encoding=True, output_hidden_states=True)
       embeds = hf(x, interpolate_pos_encoding=True).image_embeds
@@ -246,12 +325,12 @@ def _siglip_ref(out, cfg, size) -> dict:
 
 @pytest.mark.parametrize('name', list(SIGLIP))
 def test_siglip(name):
-  hf = _perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**SIGLIP[name])),
+  hf = perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**SIGLIP[name])),
                 seed=5)
   cfg = vit_port.config_from_hf(hf.config)
   ours = _ours(cfg, vit_port.from_siglip_hf(_state(hf), cfg))
   for i, size in enumerate(SIZES[cfg.patch_size]):
-    x = _images(size, i)
+    x = torch_images(BATCH, size, i)
     with torch.no_grad():
       out = hf(x, interpolate_pos_encoding=True, output_hidden_states=True)
     _compare(ours(x), _siglip_ref(out, cfg, size), f'siglip {name} {size}')
@@ -274,13 +353,13 @@ def _patchify(x: torch.Tensor, patch: int) -> torch.Tensor:
 
 @pytest.mark.parametrize('name', list(SIGLIP2))
 def test_siglip2_naflex(name):
-  hf = _perturb(transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**SIGLIP2[name])),
+  hf = perturb(transformers.Siglip2VisionModel(transformers.Siglip2VisionConfig(**SIGLIP2[name])),
                 seed=6)
   cfg = vit_port.config_from_hf(hf.config)
   assert cfg.pos_interp == 'bilinear_aa'
   ours = _ours(cfg, vit_port.from_siglip_hf(_state(hf), cfg))
   for i, size in enumerate(SIZES[cfg.patch_size]):
-    x, grid = _images(size, i), _grid(size, cfg.patch_size)
+    x, grid = torch_images(BATCH, size, i), _grid(size, cfg.patch_size)
     with torch.no_grad():
       out = hf(pixel_values=_patchify(x, cfg.patch_size),
                pixel_attention_mask=torch.ones(BATCH, grid[0] * grid[1], dtype=torch.long),
@@ -322,19 +401,19 @@ def _sam_ref(hidden, neck) -> dict:
 
 @pytest.mark.parametrize('name', list(SAM))
 def test_sam(name):
-  hf = _perturb(transformers.SamVisionModel(transformers.SamVisionConfig(**SAM[name])), seed=7)
+  hf = perturb(transformers.SamVisionModel(transformers.SamVisionConfig(**SAM[name])), seed=7)
   cfg = vit_port.config_from_hf(hf.config)
   ours = _ours(cfg, vit_port.from_sam_hf(_state(hf), cfg))
   native = (cfg.pos_grid[0] * cfg.patch_size,) * 2
   other = (native[0] - 2 * cfg.patch_size, native[1] + 3 * cfg.patch_size)
-  x = _images(native, 0)
+  x = torch_images(BATCH, native, 0)
   with torch.no_grad():
     out = hf(x, output_hidden_states=True)
     hidden, neck = _sam_layers(hf.vision_encoder, x)
   assert torch.equal(neck, out.last_hidden_state) and torch.equal(hidden[-1], out.hidden_states[-1])
   _compare(ours(x), _sam_ref(out.hidden_states[1:], out.last_hidden_state),
            f'sam {name} {native}')
-  x = _images(other, 1)
+  x = torch_images(BATCH, other, 1)
   with torch.no_grad():
     hidden, neck = _sam_layers(hf.vision_encoder, x)
   _compare(ours(x), _sam_ref(hidden, neck), f'sam {name} {other}')

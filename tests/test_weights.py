@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import importlib
 import importlib.util
+import inspect
 import json
 import os
 import pickle
@@ -22,6 +24,7 @@ from kivfm.weights import (ChecksumMismatchError, CorruptWeightFileError, Missin
                            read_onnx_initializers, read_onnx_matmul_weights, read_safetensors,
                            read_torch, read_torch_restricted, save_npz, sha256_of, unflatten)
 from kivfm.weights import sources
+from kivfm.weights.readers import read_shard_index
 from kivfm.weights.torch_pickle import LEGACY_MAGIC_NUMBER, LEGACY_PROTOCOL_VERSION
 
 torch = pytest.importorskip('torch')
@@ -517,6 +520,174 @@ def test_an_unpinned_hub_file_is_pinned_on_first_use_and_checked_after(tmp_path,
   first.write_bytes(b'tampered')
   with pytest.raises(ChecksumMismatchError, match='pinned on first use: org/m/model'):
     source.resolve()
+
+
+# --------------------------------------------------------------------------------------------
+# sharded safetensors checkpoints and gated Hub repos
+
+SHARDS = {'model-00001-of-00002.safetensors': ['blocks.0.w', 'norm.b'],
+          'model-00002-of-00002.safetensors': ['blocks.1.w', 'step']}
+INDEX = 'model.safetensors.index.json'
+
+
+def sharded_checkpoint(folder: Path) -> dict[str, np.ndarray]:
+  """Writes an index and two shards (as Hugging Face does) into `folder`; returns the arrays
+  in weight_map order, and writes them unsharded to folder/whole.safetensors as well."""
+  from safetensors.numpy import save_file
+  arrays = {'blocks.0.w': np.arange(6, dtype=np.float32).reshape(2, 3),
+            'blocks.1.w': np.full((3, 2), -1.5, np.float16),
+            'norm.b': np.array([0.25, 4.0], np.float32), 'step': np.array(7, np.int64)}
+  folder.mkdir(parents=True, exist_ok=True)
+  for shard, names in SHARDS.items():
+    save_file({name: arrays[name] for name in names}, folder / shard)
+  save_file(arrays, folder / 'whole.safetensors')
+  weight_map = {name: shard for shard, names in SHARDS.items() for name in names}
+  (folder / INDEX).write_text(json.dumps({'metadata': {'total_size': 46},
+                                          'weight_map': dict(sorted(weight_map.items()))}))
+  return dict(sorted(arrays.items()))
+
+
+def test_sharded_safetensors_are_read_as_one_dict(tmp_path):
+  arrays = sharded_checkpoint(tmp_path)
+  merged = read(tmp_path / INDEX)
+  assert_same_arrays(merged, arrays)
+  assert_same_arrays(merged, dict(sorted(read(tmp_path / 'whole.safetensors').items())))
+  assert WeightSource.from_path(tmp_path / INDEX).resolve() == tmp_path / INDEX
+
+
+def test_local_index_with_a_missing_shard(tmp_path):
+  sharded_checkpoint(tmp_path)
+  (tmp_path / 'model-00002-of-00002.safetensors').unlink()
+  for load in (WeightSource.from_path(tmp_path / INDEX).resolve, lambda: read(tmp_path / INDEX)):
+    with pytest.raises(MissingWeightFileError) as info:
+      load()
+    assert 'model-00002-of-00002.safetensors' in str(info.value)
+    assert str(tmp_path / INDEX) in str(info.value)
+
+
+@pytest.mark.parametrize('index, problem', ids=[
+    'truncated json', 'not text', 'no weight_map', 'empty weight_map', 'shard outside folder',
+    'tensor not in its shard'], argvalues=[
+    (b'{"weight_map": {"a": "model-00001', 'not a sharded safetensors index.*JSONDecodeError'),
+    (b'\xff\xfe not text', 'not a sharded safetensors index'),
+    (b'{"metadata": {"total_size": 4}}', "KeyError: 'weight_map'"),
+    (b'{"weight_map": {}}', 'weight_map is dict'),
+    (b'{"weight_map": {"a": "../model-00001-of-00002.safetensors"}}', 'not a file name beside'),
+    (b'{"weight_map": {"blocks.0.w": "model-00001-of-00002.safetensors", '
+     b'"ghost": "model-00002-of-00002.safetensors"}}',
+     r"1 tensor\(s\) of its weight_map are not in their shard: ghost \(model-00002"),
+])
+def test_malformed_index_is_corrupt(tmp_path, index, problem):
+  sharded_checkpoint(tmp_path)
+  (tmp_path / INDEX).write_bytes(index)
+  with pytest.raises(CorruptWeightFileError, match=problem) as info:
+    read(tmp_path / INDEX)
+  assert info.value.path == str(tmp_path / INDEX)
+
+
+def fake_hub(monkeypatch, served: Path, snapshots: Path, commits: dict[str, str],
+             error: Exception | None = None) -> list:
+  """hf_hub_download serving the files under `served`, copied into snapshots/<commit>/<file>
+  (commits: revision -> commit; a commit resolves to itself). Returns the calls it gets."""
+  import shutil
+  import huggingface_hub
+  calls = []
+
+  def fake_download(repo_id, filename, revision=None):
+    calls.append((repo_id, filename, revision))
+    if error is not None:
+      raise error
+    path = snapshots / commits.get(revision or 'main', revision) / filename
+    if not path.exists():
+      path.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy(served / filename, path)
+    return str(path)
+
+  monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+  return calls
+
+
+def test_hub_sharded_checkpoint_is_downloaded_pinned_and_checked(tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
+  arrays = sharded_checkpoint(tmp_path / 'served' / 'weights')
+  commits = {'main': 'a' * 40}
+  calls = fake_hub(monkeypatch, tmp_path / 'served', tmp_path / 'snapshots', commits)
+  shard_files = [f'weights/{shard}' for shard in SHARDS]
+
+  def hub_main_moves_on(*args):  # after the index resolved: shards must come from its commit
+    commits['main'] = 'b' * 40
+    return read_shard_index(*args)
+
+  monkeypatch.setattr(sources, 'read_shard_index', hub_main_moves_on)
+  source = WeightSource.from_hf('org/big', f'weights/{INDEX}')
+  index = source.resolve()
+  assert index == tmp_path / 'snapshots' / ('a' * 40) / 'weights' / INDEX
+  assert calls == [('org/big', f'weights/{INDEX}', None)] + [
+      ('org/big', file, 'a' * 40) for file in shard_files]
+  assert_same_arrays(read(index), arrays)
+  pins = json.loads(sources.hub_pins_path().read_text())
+  assert pins == {f'org/big/weights/{INDEX}@main': {
+      'commit': 'a' * 40, 'sha256': sha256_of(index),
+      'shards': {shard: sha256_of(tmp_path / 'served' / 'weights' / shard) for shard in SHARDS}}}
+  del calls[:]
+  assert source.resolve() == index        # the pinned commit, though main moved on
+  assert calls == [('org/big', file, 'a' * 40) for file in [f'weights/{INDEX}', *shard_files]]
+  old_pins = {key: {'commit': pin['commit'], 'sha256': pin['sha256']} for key, pin in pins.items()}
+  sources.hub_pins_path().write_text(json.dumps(old_pins))   # pinned before shards were
+  assert source.resolve() == index and json.loads(sources.hub_pins_path().read_text()) == pins
+  shard = index.parent / 'model-00002-of-00002.safetensors'
+  shard.write_bytes(shard.read_bytes()[:-4] + b'\0\0\0\0')
+  with pytest.raises(ChecksumMismatchError) as info:
+    source.resolve()
+  assert str(shard) in str(info.value) and 'pinned on first use' in str(info.value)
+  assert info.value.expected == pins[f'org/big/weights/{INDEX}@main']['shards'][shard.name]
+  assert source.resolve(verify=False) == index
+
+
+def test_hub_shard_that_cannot_be_fetched_is_named(tmp_path, monkeypatch):
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
+  sharded_checkpoint(tmp_path / 'served')
+  (tmp_path / 'served' / 'model-00001-of-00002.safetensors').unlink()
+  fake_hub(monkeypatch, tmp_path / 'served', tmp_path / 'snapshots', {'main': 'a' * 40})
+  with pytest.raises(MissingWeightFileError, match=r"its shard 'model-00001-of-00002"):
+    WeightSource.from_hf('org/big', INDEX).resolve()
+  assert not sources.hub_pins_path().exists()   # nothing pinned until every shard is here
+
+
+def assert_access_hint(message: str, repo: str, file: str):
+  assert f'accept its licence at https://huggingface.co/{repo}' in message
+  assert '`hf auth login`' in message and 'HF_TOKEN' in message and 're-run' in message
+  assert f'WeightSource.from_path("/path/to/{file}")' in message
+
+
+def test_gated_hub_source_says_how_to_get_access(tmp_path, monkeypatch):
+  from huggingface_hub.errors import LocalEntryNotFoundError
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
+  repo = 'facebook/dinov3-vit7b16-pretrain-lvd1689m'
+  fake_hub(monkeypatch, tmp_path, tmp_path, {}, error=LocalEntryNotFoundError('no connection'))
+  with pytest.raises(MissingWeightFileError) as info:
+    WeightSource.from_hf(repo, INDEX, gated=True).resolve()
+  assert_access_hint(str(info.value), repo, INDEX)
+  assert 'no connection' in str(info.value)
+  with pytest.raises(MissingWeightFileError) as info:   # not gated: the offline help
+    WeightSource.from_hf(repo, INDEX).resolve()
+  assert 'hf auth login' not in str(info.value) and 'On a machine with network' in str(info.value)
+
+
+def test_gated_repo_error_gives_the_access_hint_unasked(tmp_path, monkeypatch):
+  from huggingface_hub.errors import GatedRepoError
+  monkeypatch.setenv('KIVFM_CACHE', str(tmp_path / 'kivfm'))
+  # GatedRepoError(message, *, response): an HTTP response of huggingface_hub's HTTP library.
+  response_type = inspect.signature(GatedRepoError).parameters['response'].annotation
+  http = importlib.import_module(response_type.__module__)
+  url = 'https://huggingface.co/org/m/resolve/main/model.safetensors'
+  error = GatedRepoError('Access to model org/m is restricted.',
+                         response=http.Response(401, request=http.Request('GET', url)))
+  fake_hub(monkeypatch, tmp_path, tmp_path, {}, error=error)
+  with pytest.raises(MissingWeightFileError) as info:
+    WeightSource.from_hf('org/m', 'model.safetensors').resolve()
+  assert_access_hint(str(info.value), 'org/m', 'model.safetensors')
+  assert 'GatedRepoError: Access to model org/m is restricted.' in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------

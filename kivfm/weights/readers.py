@@ -1,5 +1,5 @@
-"""Weight files -> flat `dict[str, np.ndarray]`: safetensors, torch, ONNX and npz; never runs
-code from a file. bfloat16 / float8 arrays come back as `ml_dtypes` types (JAX's own).
+"""Weight files -> flat `dict[str, np.ndarray]`: safetensors (also sharded), torch, ONNX and npz;
+never runs code from a file. bfloat16 / float8 arrays come back as `ml_dtypes` types (JAX's own).
 """
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
-from kivfm.weights.errors import PARSE_ERRORS, CorruptWeightFileError, existing_file
+from kivfm.weights.errors import (PARSE_ERRORS, CorruptWeightFileError, MissingWeightFileError,
+                                  existing_file)
 from kivfm.weights.torch_pickle import read_torch_restricted
 
 SAFETENSORS_DTYPES = {
@@ -102,6 +103,59 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     return {name: _safetensors_array(name, info, data) for name, info in header.items()}
   except PARSE_ERRORS as error:
     raise CorruptWeightFileError(path, f'cannot read safetensors: {error}') from error
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded safetensors: `model.safetensors.index.json` ({'weight_map': {tensor: shard file}})
+# with its shards `model-0000k-of-0000n.safetensors` beside it.
+
+SHARD_INDEX_SUFFIX = '.safetensors.index.json'
+
+
+def is_shard_index(path) -> bool:
+  """Whether `path` names a sharded safetensors index (by its name)."""
+  return os.fspath(path).lower().endswith(SHARD_INDEX_SUFFIX)
+
+
+def read_shard_index(path) -> dict[str, str]:
+  """The weight_map {tensor name: shard file name} of a `*.safetensors.index.json`."""
+  path = existing_file(path)
+  try:
+    weight_map = json.loads(path.read_bytes())['weight_map']
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f'weight_map is {type(weight_map).__name__} {str(weight_map)[:50]}')
+    for shard in weight_map.values():
+      if not isinstance(shard, str) or shard in ('', '.', '..') or set(shard) & set('/\\'):
+        raise ValueError(f'weight_map names {shard!r}, not a file name beside the index')
+  except PARSE_ERRORS as error:  # also json.JSONDecodeError, UnicodeDecodeError
+    raise CorruptWeightFileError(
+        path, f'not a sharded safetensors index ({type(error).__name__}: {error})') from error
+  return weight_map
+
+
+def shard_paths(index) -> dict[str, Path]:
+  """{shard file name: path} of every shard an index lists; MissingWeightFileError if one is
+  not beside the index."""
+  index = Path(index)
+  paths = {name: index.parent / name for name in dict.fromkeys(read_shard_index(index).values())}
+  for name, path in paths.items():
+    if not path.is_file():
+      raise MissingWeightFileError(
+          f'{path}: no such weight file: shard {name!r} of {index} (the shards of a sharded '
+          'checkpoint must be in the folder of its index)')
+  return paths
+
+
+def read_sharded_safetensors(path) -> dict[str, np.ndarray]:
+  """Every tensor of a sharded safetensors checkpoint, given its index, in weight_map order."""
+  weight_map = read_shard_index(path)
+  shards = {name: read_safetensors(shard) for name, shard in shard_paths(path).items()}
+  missing = [f'{name} ({shard})' for name, shard in weight_map.items()
+             if name not in shards[shard]]
+  if missing:
+    raise CorruptWeightFileError(path, f'{len(missing)} tensor(s) of its weight_map are not in '
+                                 f'their shard: {", ".join(missing[:5])}')
+  return {name: shards[shard][name] for name, shard in weight_map.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,10 +338,11 @@ def read_npz(path) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------
 
+# By how the file name ends (case-insensitive).
 READERS: dict[str, Callable[[Path], dict[str, np.ndarray]]] = {
-    '.safetensors': read_safetensors, '.pth': read_torch, '.pt': read_torch,
-    '.bin': read_torch, '.ckpt': read_torch, '.onnx': read_onnx_initializers,
-    '.npz': read_npz}
+    '.safetensors': read_safetensors, SHARD_INDEX_SUFFIX: read_sharded_safetensors,
+    '.pth': read_torch, '.pt': read_torch, '.bin': read_torch, '.ckpt': read_torch,
+    '.onnx': read_onnx_initializers, '.npz': read_npz}
 
 
 def _sniff_reader(path: Path) -> Callable[[Path], dict[str, np.ndarray]]:
@@ -309,5 +364,6 @@ def _sniff_reader(path: Path) -> Callable[[Path], dict[str, np.ndarray]]:
 def read(path) -> dict[str, np.ndarray]:
   """Any supported weight file -> flat arrays, chosen by extension, else by magic bytes."""
   path = existing_file(path)
-  reader = READERS.get(path.suffix.lower()) or _sniff_reader(path)
-  return reader(path)
+  name = path.name.lower()
+  reader = next((reader for end, reader in READERS.items() if name.endswith(end)), None)
+  return (reader or _sniff_reader(path))(path)
