@@ -142,6 +142,38 @@ def test_registry_sources_and_converters():
   assert registry.get('efficientnet-lite0').sources[0].kind == 'package'
 
 
+def _expand(pattern: str) -> list[str]:
+  """Shell brace expansion of one name pattern: 'a{b,c}d{,e}' -> abd, abde, acd, acde."""
+  match = re.search(r'\{([^{}]*)\}', pattern)
+  if match is None:
+    return [pattern]
+  head, tail = pattern[:match.start()], pattern[match.end():]
+  return [name for part in match.group(1).split(',') for name in _expand(head + part + tail)]
+
+
+NORMALISATIONS = {'ImageNet': registry.IMAGENET_MEAN, 'CLIP': registry.CLIP_MEAN,
+                  '0.5': registry.HALF, 'satellite': registry.SAT_MEAN}
+
+
+def test_readme_teacher_table_matches_the_registry():
+  readme = (REPO_ROOT / 'README.md').read_text()
+  table = readme[readme.index('| names | model | normalisation |'):].split('\n\n')[0]
+  rows = table.splitlines()[2:]
+  listed = set()
+  for row in rows:
+    names_cell, _, norm, outputs, licence, _ = [c.strip() for c in row.strip('|').split(' | ')]
+    names = [n for p in re.findall(r'`([^`]+)`', names_cell) for n in _expand(p)]
+    assert not listed & set(names), f'listed twice: {listed & set(names)}'
+    listed |= set(names)
+    for name in names:
+      spec = registry.get(name)   # KeyError: the README names a teacher that is not registered
+      assert outputs.split(', ') == ['cls', 'patches', *spec.outputs], name
+      assert licence == spec.licence, name
+      assert NORMALISATIONS[norm] == spec.mean, name
+  missing = {n for n in registry.names() if not n.startswith('tiny-')} - listed
+  assert not missing, f'registered but not in the README teacher table: {sorted(missing)}'
+
+
 # ---------------------------------------------------------------------------------------------
 # A local HF DINOv2 file through pretrained_params / load_spec, against transformers.
 

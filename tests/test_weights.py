@@ -555,6 +555,19 @@ def test_sharded_safetensors_are_read_as_one_dict(tmp_path):
   assert WeightSource.from_path(tmp_path / INDEX).resolve() == tmp_path / INDEX
 
 
+def test_a_changed_shard_changes_the_checkpoint_identity(tmp_path):
+  """Caches of converted weights and teacher targets key on `weights_sha256`: for a sharded
+  checkpoint it covers the shards, not just the index."""
+  from kivfm.weights.sources import weights_sha256
+  sharded_checkpoint(tmp_path)
+  before = weights_sha256(tmp_path / INDEX)
+  assert before == weights_sha256(tmp_path / INDEX) != sha256_of(tmp_path / INDEX)
+  shard = tmp_path / 'model-00002-of-00002.safetensors'
+  shard.write_bytes(shard.read_bytes()[:-4] + b'\x00\x00\x80\x3f')
+  assert weights_sha256(tmp_path / INDEX) != before
+  assert weights_sha256(shard) == sha256_of(shard)
+
+
 def test_local_index_with_a_missing_shard(tmp_path):
   sharded_checkpoint(tmp_path)
   (tmp_path / 'model-00002-of-00002.safetensors').unlink()

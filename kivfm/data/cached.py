@@ -33,7 +33,7 @@ from kivfm.data import examples, pipeline, sources, transforms
 from kivfm.errors import ConfigError, DataUnavailableError
 from kivfm.teachers import registry
 from kivfm.weights import readers
-from kivfm.weights.sources import WeightSource, sha256_of
+from kivfm.weights.sources import WeightSource, weights_sha256
 
 FORMAT = 1   # of records and manifest: bump it when encoding or decoding changes
 MANIFEST = 'manifest.json'
@@ -115,8 +115,8 @@ def weights_id(config, alias: str) -> str:
     if not spec.sources:
       raise ConfigError(f"config.teachers.{alias}.weights='pretrained' but teacher "
                         f"{tcfg.name!r} has no pretrained source")
-    return f'sha256:{sha256_of(spec.sources[0].resolve())}'
-  return f'sha256:{sha256_of(WeightSource.from_path(tcfg.weights).resolve())}'
+    return f'sha256:{weights_sha256(spec.sources[0].resolve())}'
+  return f'sha256:{weights_sha256(WeightSource.from_path(tcfg.weights).resolve())}'
 
 
 def teacher_image_size(tcfg):

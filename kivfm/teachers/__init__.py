@@ -24,7 +24,7 @@ from kivfm.weights import readers
 from kivfm.weights.readers import path_str
 from kivfm.weights.errors import (CorruptWeightFileError, MissingWeightFileError,
                                   check_keys_and_shapes)
-from kivfm.weights.sources import WeightSource, cache_dir, sha256_of
+from kivfm.weights.sources import WeightSource, cache_dir, weights_sha256
 
 
 def _build_vit(arch, **kw):
@@ -247,7 +247,7 @@ def pretrained_params(spec: registry.TeacherSpec, weights: str = 'pretrained') -
   so later loads skip the conversion.
   """
   path = weight_file(spec, weights)
-  cached = converted_path(spec, sha256_of(path))
+  cached = converted_path(spec, weights_sha256(path))
   params = _read_cached(cached)
   if params is None:
     logging.info('teacher %s: converting %s (%.0f MB) ...', spec.name, path,
