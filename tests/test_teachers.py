@@ -312,25 +312,31 @@ def test_missing_and_unexpected_keys_are_both_named(tiny_dinov2, tmp_path, monke
   assert 'encoder.layer.1.norm2.gain' in str(error.value)
 
 
-def test_hub_teacher_offline_says_what_to_download(tmp_path):
-  """huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import: run in a fresh process."""
+def test_hub_teachers_offline_say_what_to_download(tmp_path):
+  """huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import: run in a fresh process. A gated
+  teacher (DINOv3) also says how to get access."""
   script = ('from kivfm.teachers import pretrained_params, registry\n'
             'from kivfm.weights import MissingWeightFileError\n'
-            'try:\n'
-            "  pretrained_params(registry.get('clip-vitl14'))\n"
-            'except MissingWeightFileError as error:\n'
-            '  print(error)\n'
-            'else:\n'
-            "  print('NO ERROR')\n")
+            "for name in ('clip-vitl14', 'dinov3-vits16'):\n"
+            '  try:\n'
+            '    pretrained_params(registry.get(name))\n'
+            '  except MissingWeightFileError as error:\n'
+            "    print(str(error).replace('\\n', ' '))\n"
+            '  else:\n'
+            "    print('NO ERROR')\n")
   env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'),
              KIVFM_CACHE=str(tmp_path / 'cache'), JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                           cwd=REPO_ROOT, env=env, timeout=120)
   assert result.returncode == 0, result.stderr
-  message = result.stdout
-  assert 'openai/clip-vit-large-patch14' in message and 'model.safetensors' in message
-  assert 'hf download openai/clip-vit-large-patch14 model.safetensors' in message
-  assert "weights='/path/to/model.safetensors'" in message
+  clip, dinov3 = result.stdout.splitlines()
+  assert 'openai/clip-vit-large-patch14' in clip and 'model.safetensors' in clip
+  assert 'hf download openai/clip-vit-large-patch14 model.safetensors' in clip
+  assert "weights='/path/to/model.safetensors'" in clip
+  assert 'licence' not in clip
+  repo = 'facebook/dinov3-vits16-pretrain-lvd1689m'
+  assert f'https://huggingface.co/{repo}' in dinov3 and 'hf auth login' in dinov3
+  assert 'HF_TOKEN' in dinov3 and "weights='/path/to/model.safetensors'" in dinov3
 
 
 def test_teacher_without_source_needs_a_path():
