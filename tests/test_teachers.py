@@ -37,7 +37,9 @@ OTHER_WIDTHS = {'embedding', 'neck', 'logits', 'saliency'}
 PARAMS_MILLIONS = {
     'dinov2-vits14': 22.06, 'dinov2-vitb14': 86.58, 'dinov2-vitl14': 304.37,
     'dinov2-vitg14': 1136.48, 'clip-vitb16': 86.19, 'clip-vitl14': 303.97,
-    'siglip-vitb16': 92.88, 'sam-vitb': 89.67, 'sam-vitl': 308.28, 'sam-vith': 637.03}
+    'siglip-vitb16': 92.88, 'sam-vitb': 89.67, 'sam-vitl': 308.28, 'sam-vith': 637.03,
+    # DINOv3's model table (the smaller ones are rounded there to 2 digits): 6,716M and 840M.
+    'dinov3-vit7b16': 6716.0, 'dinov3-vith16plus': 840.0}
 FAST_COMPILE = sharding.RUN_ONCE_COMPILER_OPTIONS  # small programs run once: compile cheaply
 
 

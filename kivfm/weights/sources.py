@@ -44,7 +44,6 @@ def sha256_of(path) -> str:
 def weights_sha256(path) -> str:
   """What identifies a weight file's contents: its sha256; for a sharded checkpoint's index, the
   sha256 of the index's and every shard's sha256 (so a changed shard is a new checkpoint)."""
-  from kivfm.weights.readers import is_shard_index, shard_paths
   if not is_shard_index(path):
     return sha256_of(path)
   parts = [sha256_of(path)] + [sha256_of(p) for _, p in sorted(shard_paths(path).items())]
