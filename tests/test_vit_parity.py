@@ -1,7 +1,8 @@
 """Parity of `kivfm.models.vit.ViT` + `kivfm.teachers.vit_port` with randomly initialised
 transformers models (no download): DINOv2 (HF hub and transformers-5 names, registers, the
-original repo layout), DINOv3 (rotary positions, storage tokens; HF and original layouts), CLIP, SigLIP, SigLIP2 NaFlex and SAM, each at two configs, at the native
-resolution and at a non-square other one. float32, max-abs <= 1e-4 on every output."""
+original repo layout), DINOv3 (rotary positions, storage tokens; HF and original layouts), CLIP,
+SigLIP, SigLIP2 NaFlex and SAM, each at two or more configs, at the native resolution and at
+non-square other ones. float32, max-abs <= 1e-4 on every output."""
 from __future__ import annotations
 
 import jax
@@ -205,7 +206,8 @@ def _to_dinov3_original(state: dict, cfg: ViTConfig) -> dict:
   key-bias mask, storage tokens, SwiGLU w1 / w2 / w3, stored RoPE periods)."""
   d = cfg.width
   periods = cfg.rope_theta ** (np.arange(cfg.head_dim // 4) * 4 / cfg.head_dim)
-  out = {'cls_token': state['embeddings.cls_token'], 'mask_token': state['embeddings.mask_token'][0],
+  out = {'cls_token': state['embeddings.cls_token'],
+         'mask_token': state['embeddings.mask_token'][0],
          'rope_embed.periods': periods.astype(np.float32),
          'norm.weight': state['norm.weight'], 'norm.bias': state['norm.bias'],
          'patch_embed.proj.weight': state['embeddings.patch_embeddings.weight'],

@@ -178,7 +178,9 @@ def resize_pos_embed(grid: jax.Array, size: tuple[int, int], method: str = 'bicu
 # ------------------------------------------------------------------------------ rotary positions
 
 
-def rope_tables(grid: tuple[int, int], head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+@functools.lru_cache(maxsize=64)  # every block of a trace asks for the same tables
+def rope_tables(grid: tuple[int, int], head_dim: int,
+                theta: float) -> tuple[np.ndarray, np.ndarray]:
   """DINOv3's 2-D rotary embedding: (sin, cos) [h * w, head_dim] float32 for a patch grid.
 
   Patch centres have coordinates in [-1, 1], rows and columns each scaled by their own length
@@ -197,7 +199,7 @@ def apply_rope(x: jax.Array, sin: np.ndarray, cos: np.ndarray) -> jax.Array:
   """Rotates the last len(sin) tokens of heads x [B, N, H, Dh] (the patches; class and register
   tokens in front stay as they are), in float32 as DINOv3 does."""
   prefix = x.shape[1] - sin.shape[0]
-  patches = x[:, prefix:].astype(_F32)
+  patches = x[:, prefix:].astype(jnp.float32)
   first, second = jnp.split(patches, 2, axis=-1)
   rotated = jnp.concatenate([-second, first], axis=-1)
   patches = patches * cos[:, None] + rotated * sin[:, None]
@@ -562,7 +564,7 @@ class Attention(nnx.Module):
   def attend(self, x: jax.Array, grid: tuple[int, int] | None) -> jax.Array:
     q, k, v = (_split_heads(f(x), self.num_heads) for f in (self.query, self.key, self.value))
     if self.rope_theta is not None:
-      sin, cos = rope_tables(grid, self.head_dim, self.rope_theta)
+      sin, cos = rope_tables(tuple(grid), self.head_dim, self.rope_theta)
       q, k = apply_rope(q, sin, cos), apply_rope(k, sin, cos)
     rel_pos = None
     if self.rel_pos_h is not None:

@@ -357,7 +357,8 @@ def from_dinov3_original(state: StateDict, cfg: ViTConfig,
     s, t = f'{p}blocks.{i}.', ('blocks', i)
     port.norm(s + 'norm1', (*t, 'norm1'))
     port.norm(s + 'norm2', (*t, 'norm2'))
-    port.dense_split(s + 'attn.qkv.weight', None, [(*t, 'attn', n) for n in ('query', 'key', 'value')])
+    port.dense_split(s + 'attn.qkv.weight', None,
+                     [(*t, 'attn', n) for n in ('query', 'key', 'value')])
     if cfg.qkv_bias:
       names = ('query', 'key', 'value') if cfg.key_bias else ('query', 'value')
       port.add([s + 'attn.qkv.bias', s + 'attn.qkv.bias_mask'], [(3 * d,)] * 2,
