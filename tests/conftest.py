@@ -26,3 +26,17 @@ for variable, folder in CACHES.items():
   os.environ[variable] = os.path.join(SCRATCH, folder)
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0.5'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+import pytest  # noqa: E402  (after the environment above)
+
+
+@pytest.fixture
+def fast_tracing(monkeypatch):
+  """Speed only. Each RNG draw in a module constructor makes flax probe `.sharding` on a tracer;
+  jax answers with an AttributeError whose message scans the whole trace so far, so building a
+  ViT-g abstractly costs ~10 s (quadratic in the parameter count). The message is never shown
+  by the tests that use this, so skip building it (~5x faster)."""
+  from jax._src.interpreters import partial_eval
+  monkeypatch.setattr(partial_eval.DynamicJaxprTracer, '_origin_msg', lambda self: '',
+                      raising=False)

@@ -58,17 +58,6 @@ def _grid(spec: registry.TeacherSpec, size: tuple[int, int]) -> tuple[int, int]:
   return tuple(s // spec.arch.patch_size for s in size)
 
 
-@pytest.fixture
-def fast_tracing(monkeypatch):
-  """Speed only. Each RNG draw in a module constructor makes flax probe `.sharding` on a tracer;
-  jax answers with an AttributeError whose message scans the whole trace so far, so building a
-  ViT-g abstractly costs ~10 s (quadratic in the parameter count). The message is never shown
-  here, so skip building it (~5x faster overall)."""
-  from jax._src.interpreters import partial_eval
-  monkeypatch.setattr(partial_eval.DynamicJaxprTracer, '_origin_msg', lambda self: '',
-                      raising=False)
-
-
 @pytest.mark.parametrize('name', registry.names())
 def test_registered_teacher_builds_abstractly(name, fast_tracing):
   """Every registered teacher, without weights: its parameters, and its output contract at its

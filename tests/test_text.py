@@ -1,12 +1,15 @@
-"""Text towers (CLIP, SigLIP) against transformers, the CLIP tokenizer against open-clip's, and
-the zero-shot evaluator."""
+"""Text towers (CLIP, SigLIP, SigLIP2) against transformers, every registered text tower's
+embedding width, the tokenizers (CLIP's against open-clip's) and the zero-shot evaluator."""
+import dataclasses
 import importlib.metadata
 import importlib.util
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from kivfm import config as config_lib, inference, sharding
 from kivfm.evals import zero_shot
@@ -44,15 +47,17 @@ def test_clip_text_tower_matches_transformers():
   np.testing.assert_allclose(towers.port_hf(cfg, _state(hf))(_ids()), want, atol=1e-5)
 
 
-def test_siglip_text_tower_matches_transformers():
+@pytest.mark.parametrize('family,teacher,width,heads', [
+    ('Siglip', 'siglip-vitb16', 32, 4), ('Siglip2', 'siglip2-vitb16-224', 48, 3)])
+def test_siglip_text_towers_match_transformers(family, teacher, width, heads):
+  """SigLIP and SigLIP2 text models (random) against the registered teacher's text config."""
   torch.manual_seed(0)
-  hf = transformers.SiglipTextModel(transformers.SiglipTextConfig(
-      vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, max_position_embeddings=16, projection_size=20, bos_token_id=98,
+  hf = getattr(transformers, f'{family}TextModel')(getattr(transformers, f'{family}TextConfig')(
+      vocab_size=100, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=heads, max_position_embeddings=16, projection_size=20, bos_token_id=98,
       eos_token_id=99, pad_token_id=0)).eval()
-  cfg = towers.TextConfig(vocab=100, width=32, depth=2, heads=4, mlp=64, context=16,
-                          proj_dim=20, act='gelu_tanh', eps=1e-6, causal=False, end_token=None,
-                          proj_bias=True)
+  cfg = dataclasses.replace(registry.get(teacher).text, vocab=100, width=width, depth=2,
+                            heads=heads, mlp=64, context=16, proj_dim=20)
   with torch.no_grad():
     want = hf(input_ids=torch.tensor(_ids())).pooler_output.numpy()
   np.testing.assert_allclose(towers.port_hf(cfg, _state(hf))(_ids()), want, atol=1e-5)
@@ -60,6 +65,43 @@ def test_siglip_text_tower_matches_transformers():
   del state['head.bias']
   with pytest.raises(KeyError, match="'head.bias' is missing"):
     towers.port_hf(cfg, state)
+
+
+def _text_towers() -> dict:
+  """(text config, image embedding width) -> the registered teachers that have them."""
+  towers_ = {}
+  for name in registry.names():
+    spec = registry.get(name)
+    if spec.text:
+      towers_.setdefault((spec.text, spec.arch.proj_dim or spec.arch.width), []).append(name)
+  return towers_
+
+
+@pytest.mark.parametrize('text,image_width,names', [
+    pytest.param(*key, names, id=names[0]) for key, names in _text_towers().items()])
+def test_registered_text_towers_embed_where_their_images_do(text, image_width, names,
+                                                            fast_tracing):
+  """Every image-text teacher's text tower builds, and its embeddings have the width of the
+  image embeddings (CLIP's projection, SigLIP's pooled vector), so zero-shot can compare them."""
+  ids = jax.ShapeDtypeStruct((2, text.context), jnp.int32)
+  out = jax.eval_shape(lambda i: towers.TextTower(text, nnx.Rngs(0))(i), ids)
+  assert out.shape == (2, image_width), names
+
+
+def test_siglip_prompts_are_tokenized_by_the_teachers_own_tokenizer(monkeypatch):
+  calls = []
+
+  class Tokenizer:
+    def __call__(self, texts, **kw):
+      calls.append((texts, kw['max_length']))
+      return {'input_ids': np.zeros((len(texts), kw['max_length']), np.int64)}
+
+  monkeypatch.setattr(transformers.AutoTokenizer, 'from_pretrained',
+                      lambda repo: calls.append(repo) or Tokenizer())
+  for name in ('siglip-vitb16', 'siglip2-so400m16-naflex'):
+    zero_shot.tokenize(registry.get(name), ['A Photo of a Coat.'])
+  assert calls == ['google/siglip-base-patch16-224', (['A Photo of a Coat.'], 64),
+                   'google/siglip2-so400m-patch16-naflex', (['a photo of a coat.'], 64)]
 
 
 def _open_clip_tokenize():

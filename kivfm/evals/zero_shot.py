@@ -26,7 +26,6 @@ from kivfm.weights import readers
 TEMPLATES = ('a photo of a {}.', 'a blurry photo of a {}.', 'a black and white photo of a {}.',
              'a low resolution photo of a {}.', 'a close-up photo of the {}.',
              'a drawing of a {}.')
-SIGLIP_TOKENIZER = 'google/siglip-base-patch16-224'
 
 
 def class_names(spec: str) -> list[str]:
@@ -47,8 +46,9 @@ def text_tower(spec, weights: str, seed: int = 0) -> towers.TextTower:
 def tokenize(spec, texts: list[str]) -> np.ndarray:
   if spec.text.end_token is not None:     # CLIP
     return default_tokenizer()(texts, spec.text.context)
-  from transformers import AutoTokenizer  # SigLIP's SentencePiece
-  tokenizer = AutoTokenizer.from_pretrained(SIGLIP_TOKENIZER)
+  from transformers import AutoTokenizer  # SigLIP's SentencePiece, SigLIP2's Gemma tokenizer
+  tokenizer = AutoTokenizer.from_pretrained(spec.sources[0].name)   # the teacher's own repo
+  texts = [t.lower() for t in texts] if spec.text.lowercase else texts
   return tokenizer(texts, padding='max_length', max_length=spec.text.context,
                    truncation=True, return_tensors='np')['input_ids']
 

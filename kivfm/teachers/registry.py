@@ -233,8 +233,10 @@ def _register_siglip2() -> None:
   """SigLIP2 vision towers with their attention-pooling (MAP) heads: fixed resolution (HF
   `SiglipVisionModel` layout) and NaFlex (`Siglip2VisionModel`, any aspect ratio)."""
   from kivfm.models.vit import ViTConfig
+  from kivfm.text.towers import TextConfig
   from kivfm.weights.sources import WeightSource
-  # size: (HF name, width, depth, heads, MLP, patch, fixed resolutions)
+  # size: (HF name, width, depth, heads, MLP, patch, fixed resolutions); the text tower has the
+  # same shape, except giant-opt's, which is so400m's projected to 1536.
   sizes = {'vitb16': ('base-patch16', 768, 12, 12, 3072, 16, (224, 256, 384, 512)),
            'vitl16': ('large-patch16', 1024, 24, 16, 4096, 16, (256, 384, 512)),
            'so400m14': ('so400m-patch14', 1152, 27, 16, 4304, 14, (224, 384)),
@@ -242,6 +244,11 @@ def _register_siglip2() -> None:
            'giant16': ('giant-opt-patch16', 1536, 40, 16, 6144, 16, (256, 384))}
   naflex = ('vitb16', 'so400m16')
   for size, (hf, width, depth, heads, mlp, patch, resolutions) in sizes.items():
+    text_shape = sizes['so400m16'][1:5] if size == 'giant16' else (width, depth, heads, mlp)
+    text = TextConfig(vocab=256000, width=text_shape[0], depth=text_shape[1],
+                      heads=text_shape[2], mlp=text_shape[3], context=64, proj_dim=width,
+                      act='gelu_tanh', eps=1e-6, causal=False, end_token=None, proj_bias=True,
+                      lowercase=True)
     for res in resolutions + (('naflex',) if size in naflex else ()):
       flex = res == 'naflex'
       side = 256 if flex else res
@@ -253,8 +260,9 @@ def _register_siglip2() -> None:
                          pos_grid=(side // patch,) * 2, act='gelu_tanh', class_token=False,
                          layerscale=None, map_head=True,
                          pos_interp='bilinear_aa' if flex else 'bicubic'),
-          sources=(WeightSource.from_hf(repo, 'model.safetensors'),),
-          description=f'SigLIP2 {hf} vision tower with its attention-pooling head (HF {repo})'
+          sources=(WeightSource.from_hf(repo, 'model.safetensors'),), text=text,
+          description=f'SigLIP2 {hf} vision tower with its attention-pooling head (HF {repo}); '
+                      f'text tower (Gemma tokenizer, lower-cased prompts)'
                       + ('; NaFlex: any aspect ratio, positions resized from 16x16.' if flex
                          else '.')))
 

@@ -33,6 +33,7 @@ class TextConfig:
   causal: bool = True               # CLIP; SigLIP attends both ways
   end_token: int | None = 49407     # pool at its first occurrence (CLIP); None: last position
   proj_bias: bool = False
+  lowercase: bool = False           # SigLIP2 was trained on lower-cased text
 
 
 def clip_text(width: int, heads: int, proj_dim: int) -> TextConfig:
