@@ -58,7 +58,7 @@ def _port(cfg: ConvNeXtConfig, downsample: Callable[[int], str],
 
 def original_layout(state: StateDict) -> bool:
   """Whether a ConvNeXt state dict is in the facebookresearch layout (not HF's)."""
-  return any(k.endswith('downsample_layers.0.0.weight') and 'stages.' not in k for k in state)
+  return any(k.endswith('downsample_layers.0.0.weight') for k in state)  # HF: ...layers.0.weight
 
 
 def from_dinov3_convnext_hf(state: StateDict, cfg: ConvNeXtConfig,

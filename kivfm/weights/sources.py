@@ -100,7 +100,8 @@ class WeightSource:
     For a sharded index, also makes sure every shard is beside it (from the Hub: downloads
     them, pins their sha256s on first use, then checks them) and returns the index.
     """
-    if self.kind == 'hf' and not (self.sha256 and self.revision and not is_shard_index(self.file)):
+    pinned = self.sha256 and self.revision
+    if self.kind == 'hf' and (not pinned or is_shard_index(self.file)):  # shards: pinned by us
       return _pinned_hub_file(self, verify)
     locate = {'path': _local_file, 'package': _package_file, 'hf': _hub_file}[self.kind]
     path = locate(self)
