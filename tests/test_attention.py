@@ -1,7 +1,8 @@
 """The memory-efficient attention paths of `kivfm.models.vit` against the plain one: 'blocked'
 (flash-style chunks, custom VJP) and 'fused' (jax.nn.dot_product_attention, XLA on CPU) equal
 'plain' in float32 forward and backward (q, k, v and SAM's relative-position tables), with and
-without SAM's decomposed bias, on non-square grids and lengths no block size divides; windowed
+without SAM's decomposed bias, on non-square grids and lengths no block size divides; the plain
+path's CPU form (normaliser from the value matmul) equals its softmax form; windowed
 attention is unaffected; 'auto' keeps the plain path for short sequences; the blocked path's
 XLA temp memory at 4096 tokens is a small fraction of the plain one's; and the SAM parity
 tests pass with the blocked path forced on."""
@@ -87,6 +88,32 @@ def test_auto_keeps_plain_for_short_sequences_and_blocks_long_ones():
   # The plain path is the unchanged code: bit-identical results.
   q, k, v, *_ = _inputs(2, (4, 4), 2, 8, seed=0)
   np.testing.assert_array_equal(vit.attention(q, k, v), vit._attend(q, k, v))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_plain_cpu_normaliser_by_matmul_equals_softmax(monkeypatch, dtype):
+  """On CPU, from `CPU_MATMUL_NORMALISER_KEYS` keys, the plain path takes its softmax normaliser
+  from the value matmul (a ones column); elsewhere it calls jax.nn.softmax. Both give the same values and gradients, with SAM's bias,
+  and logits large enough that an unguarded exp would overflow."""
+  monkeypatch.setattr(vit, 'CPU_MATMUL_NORMALISER_KEYS', 30)
+  q, k, v, rel_h, rel_w, cotangent = _inputs(2, (5, 6), 3, 8, seed=4)
+  q = q * 12.0   # logits up to ~1e2: exp overflows float32 without the max
+
+  def loss(q, k, v, rel_h, rel_w):
+    out = vit.attention(q, k, v, (rel_h, rel_w, (5, 6)), impl='plain')
+    return jnp.sum(out.astype(jnp.float32) * cotangent), out
+  grad = lambda: jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(
+      *(x.astype(dtype) for x in (q, k, v, rel_h, rel_w)))
+  (_, got), got_grads = grad()
+  monkeypatch.setattr(vit.jax, 'default_backend', lambda: 'gpu')
+  (_, want), want_grads = grad()
+  assert got.dtype == dtype and bool(jnp.all(jnp.isfinite(got.astype(jnp.float32))))
+  if dtype == jnp.float32:
+    _close(got, want, 'forward')
+    _close(got_grads, want_grads, 'gradients')
+  else:   # both round the weights / probabilities to bfloat16 before the value matmul
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=6e-2)
 
 
 def _sam_attention(attention, window):
