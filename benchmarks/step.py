@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from benchmarks import kivfm_side, measure, report, torch_peer
+from kivfm import allocator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,4 +300,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
+  allocator.restart_with_tcmalloc()
   main()

@@ -39,7 +39,7 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from kivfm import assembly, config as config_lib, sharding
+from kivfm import allocator, assembly, config as config_lib, sharding
 from kivfm.data import cached, examples, transforms
 from kivfm.stats import FeatureStats
 
@@ -329,5 +329,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.restart_with_tcmalloc()
   _define_flags()
   app.run(main)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from kivfm import evals, inference, paths, teachers
+from kivfm import allocator, evals, inference, paths, teachers
 from kivfm.errors import ConfigError, DataUnavailableError
 from kivfm.weights.errors import WeightFileError
 
@@ -90,6 +90,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.restart_with_tcmalloc()
   config_flags.DEFINE_config_file('config', None, 'Protocol config (configs/eval/*.py).',
                                   lock_config=True)
   flags.DEFINE_string('workdir', None, 'Run directory (student) or output directory (teacher).')

@@ -8,7 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from kivfm import config as config_lib
+from kivfm import allocator, config as config_lib
 from kivfm.errors import DataUnavailableError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)); '
@@ -47,4 +47,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  allocator.restart_with_tcmalloc()
   app.run(main)
