@@ -63,3 +63,35 @@ def test_plain_attention_equals_the_softmax_formula():
   probs /= probs.sum(-1, keepdims=True)
   expected = np.einsum('bhqk,bkhd->bqhd', probs, v).reshape(2, 5, 12)
   np.testing.assert_allclose(vit._attend(q, k, v), expected, atol=1e-5)
+
+
+def _largest_fusion_of_adapter_gradient(depth: int) -> int:
+  """Most operands of any fusion in the compiled gradient of a `depth`-block adapted ViT."""
+  from kivfm.models import adapters
+  cfg = vit.ViTConfig(width=32, depth=depth, mlp_dim=64, patch_size=8, pos_grid=(2, 2),
+                      num_heads=2)
+  model = vit.ViT(cfg, rngs=nnx.Rngs(0))
+  adapters.attach(model, 'bottleneck', dim=8, rngs=nnx.Rngs(1))
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda p, x: (nnx.merge(graph, p, rest)(x)['patches'] ** 2).sum()
+  hlo = jax.jit(jax.grad(loss)).lower(params, jnp.ones((2, 16, 16, 3))).compile().as_text()
+  return max(line.split(' fusion(')[1].split(')')[0].count('%')
+             for line in hlo.splitlines() if ' fusion(' in line)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the barrier acts on XLA:CPU only')
+def test_gradient_barrier_keeps_backward_fusions_independent_of_depth(monkeypatch):
+  barred = [_largest_fusion_of_adapter_gradient(d) for d in (2, 8)]
+  assert barred[1] <= barred[0] + 2, barred
+  monkeypatch.setattr(layers, 'gradient_barrier', lambda x: x)
+  assert _largest_fusion_of_adapter_gradient(8) > 2 * barred[1]   # the chain it prevents
+
+
+def test_gradient_barrier_is_the_identity_and_passes_nan_on():
+  x = jnp.arange(6.0).reshape(2, 3)
+  f = lambda x: (jnp.sin(layers.gradient_barrier(x * x)) * x).sum()
+  plain = lambda x: (jnp.sin(x * x) * x).sum()
+  np.testing.assert_array_equal(layers.gradient_barrier(x), x)
+  np.testing.assert_allclose(jax.jit(jax.grad(f))(x), jax.grad(plain)(x), rtol=1e-6)
+  nan_first = jax.grad(lambda x: (layers.gradient_barrier(x) * jnp.array([jnp.nan, 1.0])).sum())
+  assert np.isnan(np.asarray(jax.jit(nan_first)(jnp.ones(2)))).all()

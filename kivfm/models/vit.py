@@ -742,6 +742,7 @@ class ViT(nnx.Module):
     hidden = []
     for i in range(start, len(self.blocks) if stop is None else stop):
       block = self.blocks[i]
+      x = layers.gradient_barrier(x)
       if self.remat:
         x = nnx.remat(lambda blk, t: blk(t, grid))(block, x)
       else:
