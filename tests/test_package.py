@@ -24,6 +24,7 @@ def test_pip_install_gives_a_working_package(tmp_path):
   pinned = {line.strip() for line in (REPO_ROOT / 'requirements.txt').read_text().splitlines()
             if line.strip() and not line.startswith('#')}
   assert requires == pinned
+  assert (site / 'kivfm' / 'kernels' / 'attention_cpu.cc').is_file()   # built on first use
   probe = ('import kivfm, kivfm.main, kivfm.train, kivfm.teachers, kivfm.data.offline; '
            'print(kivfm.__file__)')
   out = subprocess.run([sys.executable, '-c', probe], cwd=tmp_path, capture_output=True,

@@ -1,0 +1,1 @@
+"""Custom kernels: fused CPU attention (`attention`)."""

@@ -1,0 +1,139 @@
+"""Fused softmax attention for XLA:CPU (`attention_cpu.cc`, an XLA FFI custom call).
+
+XLA:CPU runs attention's small batched matmuls (a [N, Dh] x [Dh, N] per batch and head) at
+under half the speed of a plain GEMM, and adds transposes, a softmax and its reductions around
+them. The kernel reads q, k, v [B, N, H, Dh] in place and runs each (batch, head) pair with
+Eigen's GEMMs on XLA's intra-op threads; its backward recomputes the probabilities from the
+saved log-sum-exp. The shared library is compiled on first use (g++, Eigen headers, jaxlib's
+FFI headers) into $KIVFM_CACHE/kernels/<hash of source, compiler, jaxlib, CPU>/; without a
+compiler or Eigen, `available()` is False, kivfm keeps XLA's attention and says once how to
+install them. KIVFM_CPU_ATTENTION=0 turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from kivfm.weights import sources
+
+SOURCE = os.path.join(os.path.dirname(__file__), 'attention_cpu.cc')
+SWITCH = 'KIVFM_CPU_ATTENTION'   # '0': XLA's attention on CPU
+EIGEN_DIRS = ('/usr/include/eigen3', '/usr/local/include/eigen3')
+INSTALL_HINT = 'apt-get install g++ libeigen3-dev'
+TARGETS = {'kivfm_attention_forward': 'KivfmAttentionForward',
+           'kivfm_attention_backward': 'KivfmAttentionBackward'}
+
+
+def eigen_dir() -> str | None:
+  """The Eigen include directory ($EIGEN_INCLUDE_DIR or a system one), or None."""
+  candidates = (os.environ.get('EIGEN_INCLUDE_DIR', ''),) + EIGEN_DIRS
+  return next((d for d in candidates if d and os.path.isfile(os.path.join(d, 'Eigen', 'Core'))),
+              None)
+
+
+def _cpu_signature() -> str:
+  """What `-march=native` compiles for: the CPU's model and flags (a cache shared between
+  different machines keeps one build per CPU)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [l for l in f if l.startswith(('model name', 'flags'))]
+    return ''.join(sorted(set(lines)))
+  except OSError:
+    return platform.processor()
+
+
+def library_path(compiler: str) -> str:
+  """Where the build of this source, compiler, jaxlib and CPU lives."""
+  version = subprocess.run([compiler, '--version'], capture_output=True, text=True).stdout
+  with open(SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + version.encode() + jax.__version__.encode()
+                         + _cpu_signature().encode()).hexdigest()[:16]
+  return os.path.join(sources.cache_dir(), 'kernels', key, 'attention_cpu.so')
+
+
+def build(compiler: str, eigen: str) -> str:
+  """Compiles the kernel unless built already; returns the library's path. Writes to a
+  temporary file and renames it, so processes building at once never see half a library."""
+  target = library_path(compiler)
+  if os.path.isfile(target):
+    return target
+  os.makedirs(os.path.dirname(target), exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(target))
+  os.close(fd)
+  command = [compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-DNDEBUG',
+             '-DEIGEN_DONT_PARALLELIZE', f'-I{jax.ffi.include_dir()}', f'-I{eigen}', SOURCE,
+             '-o', tmp]
+  try:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+      raise RuntimeError(f'building {SOURCE} failed ({" ".join(command)}):\n{result.stderr}')
+    os.replace(tmp, target)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return target
+
+
+@functools.cache
+def available() -> bool:
+  """True once the kernel is built, loaded and registered with XLA:CPU; False (with a note
+  on stderr) when it cannot be, or with KIVFM_CPU_ATTENTION=0."""
+  if os.environ.get(SWITCH) == '0' or not sys.platform.startswith('linux'):
+    return False
+  compiler, eigen = shutil.which(os.environ.get('CXX', 'g++')), eigen_dir()
+  if compiler is None or eigen is None:
+    print(f'kivfm: no C++ compiler or Eigen headers; `{INSTALL_HINT}` gives XLA:CPU a fused '
+          f'attention kernel, up to 1.3x faster steps ({SWITCH}=0 hides this note).',
+          file=sys.stderr)
+    return False
+  library = ctypes.cdll.LoadLibrary(build(compiler, eigen))
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  return True
+
+
+def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
+  """Whether `attention` serves these operands here: float32 on the CPU backend."""
+  return (jax.default_backend() == 'cpu' and q.ndim == 4
+          and all(x.dtype == jnp.float32 for x in (q, k, v)) and available())
+
+
+def _forward_call(q, k, v):
+  if not available():
+    raise RuntimeError(f'the CPU attention kernel is unavailable (see `available`; {SWITCH})')
+  b, nq, h, _ = q.shape
+  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+               jax.ShapeDtypeStruct((b, h, nq), jnp.float32))
+  return jax.ffi.ffi_call('kivfm_attention_forward', out_types)(q, k, v)
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(Dh)) v per batch and head: q [B, Nq, H, Dh], k and v [B, Nk, H, Dh]
+  (float32) -> [B, Nq, H, Dh]. Call it where `supported` holds."""
+  return _forward_call(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  out, lse = _forward_call(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(residuals, g):
+  q, k, v, _, _ = residuals
+  out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+  return tuple(jax.ffi.ffi_call('kivfm_attention_backward', out_types)(*residuals, g))
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
