@@ -1,6 +1,6 @@
 """kivfm's train step against a PyTorch peer of the same algorithm, and kivfm's own options:
 
-  python -m benchmarks.step [--quick] [--out=benchmarks/results]
+  python -m benchmarks.step [--quick] [--out=benchmarks/results] [--groups=compare,options]
 
 The algorithm (`benchmarks.kivfm_side.make_config`, `benchmarks.torch_peer`): student = frozen
 DINOv2 ViT-S/14 + bottleneck adapters of width 64 in every block; teachers = that DINOv2
@@ -106,6 +106,16 @@ def groups(plan: Plan, accelerator: bool) -> list[tuple[str, list[Spec]]]:
   out.append(('batch', [kivfm(x, plan.batch_size_px) for x in plan.batches]))
   out.append(('resolution', [kivfm(plan.sizes_batch, x) for x in plan.sizes]))
   return out
+
+
+def select(plan_groups: list, wanted: str) -> list:
+  """The groups whose name starts with one of the comma-separated `wanted` (all if empty)."""
+  prefixes = [w.strip() for w in wanted.split(',') if w.strip()]
+  chosen = [g for g in plan_groups if not prefixes or g[0].startswith(tuple(prefixes))]
+  if not chosen:
+    names = ', '.join(name for name, _ in plan_groups)
+    raise SystemExit(f'--groups={wanted!r} matches no group; groups: {names}')
+  return chosen
 
 
 class Skipped(Exception):
@@ -262,6 +272,9 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--quick', action='store_true', help='tiny shapes and rounds (the test)')
   parser.add_argument('--out', default='benchmarks/results', help='output directory')
+  parser.add_argument('--groups', default='',
+                      help='comma-separated group names to run (a prefix is enough: '
+                           '"compare" runs both comparisons); default: all')
   args = parser.parse_args(argv)
   plan = QUICK if args.quick else FULL
   start = time.perf_counter()
@@ -276,7 +289,7 @@ def main(argv=None) -> dict:
   log(f'dense matmul peak {first_peak["peak"] / 1e9:.0f} GFLOP/s')
   memory = measure.Memory()
   bench = Bench(plan, dtype, log)
-  plan_groups = groups(plan, accelerator)
+  plan_groups = select(groups(plan, accelerator), args.groups)
   rows = []
   for i, (name, specs) in enumerate(plan_groups):   # each group gets its share of what is left
     now = time.perf_counter()

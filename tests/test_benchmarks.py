@@ -94,3 +94,13 @@ def test_input_benchmark_times_the_folder_pipeline_per_worker_count(tmp_path):
   assert all(np.isfinite(row['images_per_s']) and row['images_per_s'] > 0
              for row in result['rows'])
   assert json.loads((tmp_path / 'input_benchmark.json').read_text()) == result
+
+
+def test_groups_are_selected_by_name_prefix():
+  plan_groups = bench_step.groups(bench_step.QUICK, False)
+  names = lambda wanted: [name for name, _ in bench_step.select(plan_groups, wanted)]
+  assert names('') == [name for name, _ in plan_groups]
+  assert names('compare') == ['compare B8 32px', 'compare B8 64px']
+  assert names('options, batch') == ['options', 'batch']
+  with pytest.raises(SystemExit, match='matches no group'):
+    names('nope')

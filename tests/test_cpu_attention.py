@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from kivfm.kernels import attention as cpu_attention
 from kivfm.models import vit
@@ -68,11 +68,23 @@ def test_large_logits_stay_finite_and_exact():
   _check(q, k, v, g, tol=1e-4)   # |dq| ~ 5: float32 cancellation in dP - rowsum(dO * O)
 
 
-def test_sharded_batch_over_the_test_devices():
-  mesh = jax.make_mesh((8,), ('data',))
-  q, k, v, g = _inputs(8, 17, 17, 2, 8, seed=4)
-  put = lambda x: jax.device_put(x, NamedSharding(mesh, P('data')))
-  _check(*(put(x) for x in (q, k, v, g)))
+@pytest.mark.parametrize('mesh_shape,spec', [((8,), P('data')),
+                                             ((2, 4), P('data', None, 'model'))])
+def test_sharded_call_runs_per_shard_and_equals_the_formula(mesh_shape, spec):
+  names = ('data', 'model')[:len(mesh_shape)]
+  mesh = jax.make_mesh(mesh_shape, names, axis_types=(AxisType.Auto,) * len(names))   # kivfm's
+  q, k, v, g = _inputs(8, 17, 17, 4, 8, seed=4)
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))
+  with jax.set_mesh(mesh):
+    _check(*(put(x) for x in (q, k, v, g)))
+  grad = jax.jit(jax.grad(lambda q, k, v: (cpu_attention.attention(q, k, v) * g).sum(),
+                          (0, 1, 2)))
+  with jax.set_mesh(mesh):
+    hlo = grad.lower(put(q), put(k), put(v)).compile().as_text()
+  calls = [line for line in hlo.splitlines() if 'custom-call(' in line]
+  shard = f'f32[{8 // mesh_shape[0]},17,{4 // (mesh_shape + (1,))[1]},8]'
+  assert len(calls) == 2 and all(shard in line for line in calls), calls
+  assert 'all-gather' not in hlo   # no device computes another's (batch, head) pairs
 
 
 def test_plain_attention_uses_the_kernel_only_for_float32_without_bias(monkeypatch):
@@ -122,3 +134,14 @@ def test_switch_and_missing_compiler_fall_back_with_a_note(monkeypatch, capsys):
     cpu_attention.available.cache_clear()
     monkeypatch.undo()
     assert cpu_attention.available()
+
+
+def test_disabled_traces_xla_attention_whose_flops_xla_counts():
+  q, k, v, _ = _inputs(2, 16, 16, 2, 8, seed=7)
+  # a fresh function per trace: jit caches traces per function, and `disabled` is not part of
+  # that cache's key
+  flops = lambda: jax.jit(lambda *a: vit._attend(*a)).lower(q, k, v).cost_analysis()['flops']
+  with cpu_attention.disabled():
+    counted = flops()
+  assert counted >= 2 * 2 * (2 * 2 * 16 * 16 * 8)   # q k^T and p v
+  assert flops() < counted / 10                      # the custom call counts as nothing

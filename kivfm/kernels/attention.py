@@ -11,6 +11,7 @@ install them. KIVFM_CPU_ATTENTION=0 turns the kernel off.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -23,6 +24,8 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kivfm.weights import sources
 
@@ -103,19 +106,76 @@ def available() -> bool:
   return True
 
 
+_disabled = 0
+
+
+@contextlib.contextmanager
+def disabled():
+  """Programs traced inside use XLA's attention: XLA's cost analysis counts no FLOPs in a
+  custom call, so FLOP counts are taken from such a trace."""
+  global _disabled
+  _disabled += 1
+  try:
+    yield
+  finally:
+    _disabled -= 1
+
+
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
   """Whether `attention` serves these operands here: float32 on the CPU backend."""
-  return (jax.default_backend() == 'cpu' and q.ndim == 4
+  return (not _disabled and jax.default_backend() == 'cpu' and q.ndim == 4
           and all(x.dtype == jnp.float32 for x in (q, k, v)) and available())
+
+
+def _batch_and_heads(mesh, sharding, ndim: int):
+  """`sharding` kept on the batch (0) and heads (2) dimensions of a [B, N, H, Dh] array, with
+  the token and feature dimensions whole: a shard is a set of whole (batch, head) pairs."""
+  spec = tuple(getattr(sharding, 'spec', ())) + (None,) * 4
+  return NamedSharding(mesh, P(spec[0], None, spec[2], None) if ndim == 4 else
+                       P(spec[0], spec[2], None))
+
+
+def _partitioned(ffi_target: str, out_shapes, rule: str):
+  """The FFI call `ffi_target`; under a mesh of several devices, as an op the SPMD partitioner
+  splits by (batch, head) pairs (without that, XLA gathers every shard onto every device and
+  repeats the whole call there). On one device it stays a plain call: a custom partitioning
+  puts a Python object's address into the program, so JAX's persistent compilation cache
+  would miss in every new process."""
+  def call(*args):
+    return jax.ffi.ffi_call(ffi_target, out_shapes(*args))(*args)
+
+  def partition(mesh, arg_shapes, result_shape):
+    q_sharding = arg_shapes[0].sharding
+    args = tuple(_batch_and_heads(mesh, q_sharding, len(a.shape)) for a in arg_shapes)
+    results = tuple(_batch_and_heads(mesh, q_sharding, len(r.shape)) for r in result_shape)
+    return mesh, call, results, args
+
+  def infer(mesh, arg_shapes, result_shape):
+    return tuple(_batch_and_heads(mesh, arg_shapes[0].sharding, len(r.shape))
+                 for r in result_shape)
+
+  split = custom_partitioning(call)
+  split.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=rule,
+                      need_replication_factors=('q', 'd', 'k'))   # in order of appearance
+  return lambda *args: (split if jax.sharding.get_abstract_mesh().size > 1 else call)(*args)
+
+
+_forward_op = _partitioned(
+    'kivfm_attention_forward',
+    lambda q, k, v: (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                     jax.ShapeDtypeStruct((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)),
+    'b q h d, b k h d, b k h d -> b q h d, b h q')
+_backward_op = _partitioned(
+    'kivfm_attention_backward',
+    lambda q, k, v, out, lse, g: tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                                       for x in (q, k, v)),
+    'b q h d, b k h d, b k h d, b q h d, b h q, b q h d -> b q h d, b k h d, b k h d')
 
 
 def _forward_call(q, k, v):
   if not available():
     raise RuntimeError(f'the CPU attention kernel is unavailable (see `available`; {SWITCH})')
-  b, nq, h, _ = q.shape
-  out_types = (jax.ShapeDtypeStruct(q.shape, jnp.float32),
-               jax.ShapeDtypeStruct((b, h, nq), jnp.float32))
-  return jax.ffi.ffi_call('kivfm_attention_forward', out_types)(q, k, v)
+  return _forward_op(q, k, v)
 
 
 @jax.custom_vjp
@@ -131,9 +191,7 @@ def _attention_fwd(q, k, v):
 
 
 def _attention_bwd(residuals, g):
-  q, k, v, _, _ = residuals
-  out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
-  return tuple(jax.ffi.ffi_call('kivfm_attention_backward', out_types)(*residuals, g))
+  return tuple(_backward_op(*residuals, g))
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)
