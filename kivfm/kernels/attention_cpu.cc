@@ -71,24 +71,12 @@ Shape ShapeOf(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k) {
   return Shape{qd[0], qd[1], kd[1], qd[2], qd[3], 1.0f / std::sqrt(static_cast<float>(qd[3]))};
 }
 
-// probs = exp(scale * q k^T - lse) from a known lse, or (lse empty) a fresh softmax whose lse
-// is written to `lse_out`.
-void Probabilities(const Shape& s, const float* q, const float* k, float* lse_out,
-                   const float* lse_in, RowMajor& probs) {
+// probs = scale * q k^T of one (batch, head) pair: the logits, which callers turn into
+// probabilities in place.
+void Logits(const Shape& s, const float* q, const float* k, RowMajor& probs) {
   ConstHeadView qm(q, s.nq, s.d, Stride(s.h * s.d)), km(k, s.nk, s.d, Stride(s.h * s.d));
   probs.resize(s.nq, s.nk);
   probs.noalias() = (qm * s.scale) * km.transpose();
-  auto lse = Eigen::Map<Eigen::VectorXf>(lse_out ? lse_out : const_cast<float*>(lse_in), s.nq);
-  if (lse_out) {
-    Eigen::VectorXf max = probs.rowwise().maxCoeff();
-    probs.colwise() -= max;
-    probs = probs.array().exp();
-    lse = max.array() + probs.rowwise().sum().array().log();
-    probs.array().colwise() *= (max - lse).array().exp();
-  } else {
-    probs.colwise() -= lse;
-    probs = probs.array().exp();
-  }
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -99,8 +87,13 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   float *op = out->typed_data(), *lp = lse->typed_data();
   ParallelFor(pool, s.b * s.h, [&](int64_t item) {
     thread_local RowMajor probs;
-    Probabilities(s, qp + s.q_offset(item), kp + s.k_offset(item), lp + s.lse_offset(item),
-                  nullptr, probs);
+    Logits(s, qp + s.q_offset(item), kp + s.k_offset(item), probs);
+    Eigen::VectorXf max = probs.rowwise().maxCoeff();
+    probs.colwise() -= max;
+    probs = probs.array().exp();
+    Eigen::Map<Eigen::VectorXf> lse_row(lp + s.lse_offset(item), s.nq);
+    lse_row = max.array() + probs.rowwise().sum().array().log();
+    probs.array().colwise() *= (max - lse_row).array().exp();
     ConstHeadView vm(vp + s.k_offset(item), s.nk, s.d, Stride(s.h * s.d));
     HeadView om(op + s.q_offset(item), s.nq, s.d, Stride(s.h * s.d));
     om.noalias() = probs * vm;
@@ -118,8 +111,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     thread_local RowMajor probs, dprobs;
     const int64_t qo = s.q_offset(item), ko = s.k_offset(item);
     const Stride st(s.h * s.d);
-    Probabilities(s, q.typed_data() + qo, k.typed_data() + ko, nullptr,
-                  lse.typed_data() + s.lse_offset(item), probs);
+    Logits(s, q.typed_data() + qo, k.typed_data() + ko, probs);
+    probs.colwise() -= Eigen::Map<const Eigen::VectorXf>(lse.typed_data() + s.lse_offset(item),
+                                                         s.nq);
+    probs = probs.array().exp();
     ConstHeadView qm(q.typed_data() + qo, s.nq, s.d, st), km(k.typed_data() + ko, s.nk, s.d, st);
     ConstHeadView vm(v.typed_data() + ko, s.nk, s.d, st), om(out.typed_data() + qo, s.nq, s.d, st);
     ConstHeadView gm(dout.typed_data() + qo, s.nq, s.d, st);
