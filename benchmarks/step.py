@@ -51,12 +51,13 @@ class Spec:
   cached: bool = False
   remat: bool = False
   adapter_blocks: int = 0
+  trunk: bool = False           # cached: the student's trunk too (config.cache.student_trunk)
 
   @property
   def name(self) -> str:
     if self.framework != 'kivfm':
       return f'{self.framework} fp32'
-    parts = ['kivfm', 'cached' if self.cached else 'online',
+    parts = ['kivfm', ('cached+trunk' if self.trunk else 'cached') if self.cached else 'online',
              'bf16' if self.dtype == 'bfloat16' else 'fp32']
     parts += ['remat'] if self.remat else []
     parts += [f'last {self.adapter_blocks} blocks'] if self.adapter_blocks else []
@@ -101,8 +102,11 @@ def groups(plan: Plan, accelerator: bool) -> list[tuple[str, list[Spec]]]:
         [Spec('torch.compile', b, s)] if (b, s) in plan.torch_compile else [])
     out.append((f'compare B{b} {s}px', [kivfm(b, s)] + peers))
   b, s = plan.options
+  last = plan.adapter_blocks
   out.append(('options', [kivfm(b, s), kivfm(b, s, cached=True), kivfm(b, s, dtype=other),
-                          kivfm(b, s, remat=True), kivfm(b, s, adapter_blocks=plan.adapter_blocks)]))
+                          kivfm(b, s, remat=True), kivfm(b, s, adapter_blocks=last),
+                          kivfm(b, s, cached=True, adapter_blocks=last),
+                          kivfm(b, s, cached=True, trunk=True, adapter_blocks=last)]))
   out.append(('batch', [kivfm(x, plan.batch_size_px) for x in plan.batches]))
   out.append(('resolution', [kivfm(plan.sizes_batch, x) for x in plan.sizes]))
   return out
@@ -149,7 +153,7 @@ class Bench:
   def config(self, spec: Spec):
     return kivfm_side.make_config(spec.batch, spec.size, kb=self.plan.kb, hidden=self.plan.hidden,
                                   dtype=spec.dtype, remat=spec.remat,
-                                  adapter_blocks=spec.adapter_blocks)
+                                  adapter_blocks=spec.adapter_blocks, student_trunk=spec.trunk)
 
   def get(self, spec: Spec) -> Contender:
     if spec not in self.contenders:
@@ -179,7 +183,8 @@ class Bench:
                                 run=self.runs.get(key))
     self.runs[key] = step.run
     if spec.adapter_blocks:
-      every_block = self.get(dataclasses.replace(spec, adapter_blocks=0))
+      every_block = self.get(dataclasses.replace(spec, adapter_blocks=0, cached=False,
+                                                 trunk=False))
       if step.trainable_params == every_block.trainable_params:
         raise Skipped('config.student.adapter_blocks changes nothing yet (as many trainable '
                       'parameters as with adapters in every block)')

@@ -32,6 +32,7 @@ from ml_collections import config_flags
 
 from kivfm import assembly, paths, sharding, train
 from kivfm import config as config_lib
+from kivfm.data import cached
 from kivfm.errors import ConfigError
 from kivfm.kernels import attention as cpu_attention
 
@@ -66,16 +67,19 @@ def lower_step(config, mesh, abstract_images):
   or with `config.teacher_cache` set their stored targets (float32, as the cache reader gives
   them) in their place."""
   run = assembly.build_run(config, mesh, abstract=True)
-  cached = bool(config.teacher_cache)
+  from_cache = bool(config.teacher_cache)
   teachers = run.teacher_set.params
-  if cached:
+  if from_cache:
     batch = abstract_images.shape[0]
     sharded = lambda shape: jax.ShapeDtypeStruct(
         shape, jnp.float32, sharding=sharding.batch_sharding(mesh, config.sharding.rules,
                                                              len(shape)))
     teachers = {alias: {'cls': sharded((batch, width)), 'patches': sharded((batch, *grid, width))}
                 for alias, (width, grid) in run.teacher_set.shapes.items()}
-  return train.jit_train_step(config, run, cached=cached).lower(
+    if config.cache.student_trunk:   # the student starts from the stored trunk tokens
+      kb = run.teacher_set.specs[config.student.knowledge_base]
+      abstract_images = sharded((batch, *cached.trunk_shape(config, kb.arch)))
+  return train.jit_train_step(config, run, cached=from_cache).lower(
       run.state, run.frozen, teachers, abstract_images, False)
 
 

@@ -35,12 +35,14 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from kivfm import allocator, assembly, config as config_lib, sharding
 from kivfm.data import cached, examples, transforms
+from kivfm.models import adapters
 from kivfm.stats import FeatureStats
 
 # One record per group (random access) and zstd: int8 patch maps of ReLU networks are sparse.
@@ -58,11 +60,31 @@ def view_rng(shuffle_seed: int, source: int, index: int, view: int) -> np.random
   return np.random.default_rng([shuffle_seed, source, index, view])
 
 
-def make_forward(teacher_set: assembly.TeacherSet):
-  """jitted (params, uint8 images) -> alias -> {'cls', 'patches'} (nothing else is computed)."""
-  return jax.jit(lambda params, images: {
-      alias: {'cls': out['cls'], 'patches': out['patches']}
-      for alias, out in teacher_set.forward(params, images).items()})
+def make_forward(teacher_set: assembly.TeacherSet, trunk: tuple[str, int] | None = None):
+  """jitted (params, uint8 images) -> (alias -> {'cls', 'patches'}, trunk tokens or None);
+  nothing else is computed. `trunk` = (knowledge-base alias, first adapted block): that
+  teacher's tokens entering the block are returned too (the student's trunk on the views),
+  and the teacher continues from them."""
+  def forward(params, images):
+    shared = tokens = None
+    if trunk is not None:
+      alias, first = trunk
+      teacher = nnx.merge(teacher_set.graphdefs[alias], nnx.State(params[alias]))
+      tokens, grid = teacher.tokens(images, first)
+      shared = (alias, tokens, grid, first)
+    targets = {alias: {'cls': out['cls'], 'patches': out['patches']}
+               for alias, out in teacher_set.forward(params, images, shared).items()}
+    return targets, tokens
+  return jax.jit(forward)
+
+
+def trunk_of(config, teacher_set: assembly.TeacherSet) -> tuple[str, int] | None:
+  """(knowledge-base alias, first adapted block) with config.cache.student_trunk, else None."""
+  if not config.cache.student_trunk:
+    return None
+  alias = config.student.knowledge_base
+  depth = teacher_set.specs[alias].arch.depth
+  return alias, adapters.first_adapted(depth, config.student.adapter_blocks)
 
 
 def _sync(name: str) -> None:
@@ -84,7 +106,8 @@ class _Builder:
     self.config, self.directory, self.parts, self.identity = config, directory, parts, identity
     self.key = build_key(config, identity)
     self.teacher_set, self.mesh, self.pool = teacher_set, mesh, pool
-    self.forward = make_forward(teacher_set)
+    self.trunk = trunk_of(config, teacher_set)
+    self.forward = make_forward(teacher_set, self.trunk)
     self.offsets = np.cumsum([0] + [len(part) for part in parts])
     self.num_chunks = math.ceil(self.offsets[-1] / config.cache.chunk_examples)
 
@@ -113,7 +136,8 @@ class _Builder:
     return out
 
   def targets(self, ids):
-    """Yields (meta, float32 targets) per forward pass over the views of examples `ids`."""
+    """Yields (meta, float32 targets, float32 trunk tokens or None) per forward pass over the
+    views of examples `ids`."""
     cache, size = self.config.cache, self.config.data.image_size
     per_pass = cache.batch_size // cache.views
     images_sharding = sharding.batch_sharding(self.mesh, self.config.sharding.rules, 4)
@@ -123,11 +147,13 @@ class _Builder:
         continue
       batch = np.zeros((cache.batch_size, size, size, 3), np.uint8)
       batch[:len(views)] = [image for _, image in views]
-      out = jax.device_get(self.forward(self.teacher_set.params,
-                                        jax.device_put(batch, images_sharding)))
+      out, trunk = jax.device_get(self.forward(self.teacher_set.params,
+                                               jax.device_put(batch, images_sharding)))
       meta = {key: np.asarray([m[key] for m, _ in views]) for key in views[0][0]}
       yield meta, {alias: {kind: np.asarray(x[:len(views)], np.float32)
-                           for kind, x in kinds.items()} for alias, kinds in out.items()}
+                           for kind, x in kinds.items()} for alias, kinds in out.items()}, (
+                               None if trunk is None else np.asarray(trunk[:len(views)],
+                                                                      np.float32))
 
   def fit_pca(self) -> dict:
     """alias -> (mean, components) of config.cache.pca_dim, from chunk 0's first examples."""
@@ -136,7 +162,7 @@ class _Builder:
     ids = self.chunk_ids(0)[:self.config.cache.pca_fit_examples]
     logging.info('teacher cache: fitting the PCA of %s on %d examples', ', '.join(sorted(dims)),
                  len(ids))
-    for _, targets in self.targets(ids):
+    for _, targets, _ in self.targets(ids):
       for alias, s in stats.items():
         patches = targets[alias]['patches']
         s.update(patches.reshape(-1, patches.shape[-1]))
@@ -153,8 +179,11 @@ class _Builder:
   def codec(self, process_index: int) -> cached.Codec:
     """The codec of this build; process 0 fits the PCA once (codec-KEY.npz), all read it."""
     dtype, shapes = self.config.cache.dtype, self.teacher_set.shapes
+    trunk = None
+    if self.trunk:
+      trunk = cached.trunk_shape(self.config, self.teacher_set.specs[self.trunk[0]].arch)
     if not self.config.cache.pca_dim:
-      return cached.Codec(dtype, shapes)
+      return cached.Codec(dtype, shapes, trunk=trunk)
     for alias, d in self.config.cache.pca_dim:
       if d >= shapes[alias][0]:
         raise config_lib.ConfigError(f'config.cache.pca_dim keeps {d} dims of teacher {alias}, '
@@ -164,7 +193,7 @@ class _Builder:
     if process_index == 0 and not os.path.exists(path):
       cached.Codec(dtype, shapes, self.fit_pca()).save_pca(path)
     _sync('codec')
-    return cached.Codec(dtype, shapes, cached.read_pca(path, shapes))
+    return cached.Codec(dtype, shapes, cached.read_pca(path, shapes), trunk)
 
   def write_chunks(self, codec: cached.Codec, process_index: int, process_count: int) -> None:
     """Writes this process's unfinished chunks, logging progress."""
@@ -182,8 +211,8 @@ class _Builder:
 
   def _records(self, codec: cached.Codec, c: int, progress: _Progress, what: str):
     """The encoded records of chunk `c`, one structured array per forward pass."""
-    for meta, targets in self.targets(self.chunk_ids(c)):
-      yield codec.encode(meta, targets)
+    for meta, targets, trunk in self.targets(self.chunk_ids(c)):
+      yield codec.encode(meta, targets, trunk)
       progress.update(len(meta['source']), what)
 
   def manifest(self, codec: cached.Codec) -> dict:
@@ -204,8 +233,10 @@ class _Builder:
     records = sum(shard['records'] for shard in shards)
     encoding = codec.describe()
     encoding['codec'] = f'codec-{self.key}.npz' if codec.pca else ''
-    float32_bytes = records * 4 * sum(t['width'] * (1 + math.prod(t['grid']))
-                                      for t in encoding['teachers'].values())
+    trunk = encoding['trunk'] or {'tokens': 0, 'width': 0}
+    float32_bytes = records * 4 * (sum(t['width'] * (1 + math.prod(t['grid']))
+                                       for t in encoding['teachers'].values())
+                                   + trunk['tokens'] * trunk['width'])
     size = sum(shard['bytes'] for shard in shards) + (
         os.path.getsize(os.path.join(self.directory, encoding['codec'])) if codec.pca else 0)
     return {'identity': self.identity, 'key': self.key, 'encoding': encoding,

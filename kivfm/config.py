@@ -141,6 +141,10 @@ def defaults() -> ConfigDict:
       pca_fit_examples=256,           # examples (all their views) the PCA is fitted on
       chunk_examples=1024,            # examples per chunk file: the unit of resuming
       batch_size=64,                  # views per teacher forward pass, per process
+      # Also store the student's trunk: the tokens entering its first adapted block (needs
+      # student.adapter_blocks > 0). Training from such a cache starts there: no view is
+      # rebuilt and no block below the adapters runs. Set it for building and training.
+      student_trunk=False,
   ))
   c.unifier = ConfigDict(dict(
       hidden=1024,                    # s2t MLP hidden width
@@ -305,6 +309,10 @@ def _validate_cache(config: ConfigDict) -> None:
         or entry[1] <= 0):
       raise ConfigError(f'config.cache.pca_dim entry {entry!r} must be (teacher alias, dims > 0) '
                         f'with an alias of config.teachers ({", ".join(config.teachers)})')
+  if cache.student_trunk and not config.student.adapter_blocks:
+    raise ConfigError('config.cache.student_trunk=True stores the tokens below the first adapted '
+                      'block, so it needs config.student.adapter_blocks > 0 (adapters in the '
+                      'last K blocks only)')
 
 
 def _validate_attention(attention: ConfigDict) -> None:

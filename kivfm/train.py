@@ -41,6 +41,8 @@ def make_train_step(config, run: assembly.Run, cached: bool = False):
 
   `teachers`: the teachers' parameters (they run once, on this batch), or with `cached` their
   targets on it, alias -> {'cls', 'patches'} (read from a teacher-target cache, `kivfm.cache`).
+  `images`: uint8 views, or with `cached` and config.cache.student_trunk the student's trunk
+  tokens on them [B, T, D] (from the cache; the student starts at its first adapted block).
   The KPU runs forward once. With `with_shares` (a boolean, traced: one
   program for all steps) the same forward pass also gives the norm of the gradient each teacher's
   weighted loss sends into the student's features f(I) = {x, V} and its share of their sum
@@ -52,6 +54,11 @@ def make_train_step(config, run: assembly.Run, cached: bool = False):
   schedule = optim.make_schedule(config)
   teacher_set, graphdef, tx = run.teacher_set, run.kpu_graphdef, run.tx
   share_trunk = assembly.shares_trunk(config, run)
+  trunk_inputs = cached and config.cache.student_trunk
+  if trunk_inputs and not share_trunk:
+    raise config_lib.ConfigError(
+        'config.cache.student_trunk=True, but this student trains parameters below its first '
+        'adapted block (config.student.adapter_blocks), so the cached trunk does not serve it')
 
   distilled = config.loss.head_outputs
 
@@ -66,7 +73,11 @@ def make_train_step(config, run: assembly.Run, cached: bool = False):
     merge = lambda params, stats: nnx.merge(graphdef, nnx.State(params), nnx.State(stats),
                                            nnx.State(frozen))
     model = merge(state.params, state.stats)
-    if share_trunk:  # the frozen blocks below the first adapter run once, for both
+    if trunk_inputs:  # the cache holds the frozen blocks' output on the views
+      student = lambda p: merge(p, state.stats).student.from_trunk(
+          images.astype(model.student.dtype), model.student.grid)
+      trunk = None
+    elif share_trunk:  # the frozen blocks below the first adapter run once, for both
       tokens, grid = model.student.trunk(images)
       student = lambda p: merge(p, state.stats).student.from_trunk(tokens, grid)
       trunk = (config.student.knowledge_base, tokens, grid, model.student.first_adapted)
@@ -134,7 +145,7 @@ def jit_train_step(config, run: assembly.Run, cached: bool = False):
                          for alias in run.teacher_set.specs}
   else:
     teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_set.params)
-  images_sharding = batch(4)
+  images_sharding = batch(3 if cached and config.cache.student_trunk else 4)
   replicated = NamedSharding(run.mesh, P())
   jitted = jax.jit(
       make_train_step(config, run, cached),
@@ -266,13 +277,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
         step, t_sync = start, time.time()
         while step < config.total_steps:
           local = next(data_iter)
-          arrays = {key: local[key] for key in ('image', 'targets') if key in local}
+          arrays = {key: local[key] for key in ('image', 'trunk', 'targets') if key in local}
           batch = sharding.host_to_global(arrays, mesh, config.sharding.rules)
           every = config.grad_share_every
           with_shares = bool(every and (step + 1) % every == 0)
           # Dispatched asynchronously: the next batch is read while the devices compute.
           teachers = batch['targets'] if cached_targets else teacher_params
-          state, scalars = step_fn(state, run.frozen, teachers, batch['image'], with_shares)
+          inputs = batch['trunk'] if 'trunk' in batch else batch['image']
+          state, scalars = step_fn(state, run.frozen, teachers, inputs, with_shares)
           step += 1
           # 'skipped': bad records dropped for this batch, this process.
           pending.append((step, scalars, {'with_shares': with_shares,

@@ -89,3 +89,7 @@ def test_cached_teacher_targets_replace_the_teachers():
   cached = aot.analyze(config, '8xH100', batch_per_device=2)
   assert 0 < cached['flops_per_image'] < online['flops_per_image']
   assert cached['memory_bytes']['total'] > 0
+  config.student.adapter_blocks = 1          # the stored trunk replaces the student's block 0
+  config.cache.student_trunk = True
+  trunk = aot.analyze(config, '8xH100', batch_per_device=2)
+  assert 0 < trunk['flops_per_image'] < cached['flops_per_image']

@@ -37,9 +37,7 @@ def test_quick_run_writes_every_variant(tmp_path):
   rows = {(v['group'], v['name'], v['batch'], v['size']): v for v in results['variants']}
   assert set(rows) == want
   for key, v in rows.items():
-    if 'skipped' in v:   # only the option kivfm is still gaining may be missing
-      assert v['adapter_blocks'], (key, v['skipped'])
-      continue
+    assert 'skipped' not in v, (key, v['skipped'])
     assert len(v['times']) >= 2 * plan.steps, key
     numbers = [*v['times'], *v['summary'].values(), v['peak_rss_mb'], v['first_call_s'],
                v['flops_per_image'], v['flops_per_s'], v['utilization']]

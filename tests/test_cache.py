@@ -9,6 +9,7 @@ import grain
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from kivfm import assembly, cache, config as config_lib, sharding, train
@@ -124,6 +125,29 @@ def test_codecs_stay_within_their_precision():
     int8.encode(meta(6), targets)
 
 
+@pytest.mark.parametrize('dtype', ['int8', 'bfloat16'])
+def test_the_student_trunk_round_trips_within_its_precision(dtype):
+  rng = np.random.default_rng(1)
+  targets = random_targets(rng)
+  trunk = rng.normal(size=(6, 13, 24)).astype(np.float32)
+  trunk[:, 0] *= 20                       # an outlier token (the class token)
+  trunk[..., 3] *= 300                    # an outlier channel
+  codec = cached.Codec(dtype, {'t': (24, (3, 4))}, trunk=(13, 24))
+  plain = cached.Codec(dtype, {'t': (24, (3, 4))})
+  rows = codec.encode(meta(6), targets, trunk)
+  assert codec.record_dtype.itemsize > plain.record_dtype.itemsize
+  assert_same(codec.decode(rows, ['t']), plain.decode(plain.encode(meta(6), targets), ['t']))
+  got = codec.decode_trunk(rows)
+  if dtype == 'bfloat16':
+    np.testing.assert_allclose(got, trunk, rtol=2 ** -8, atol=0)
+  else:   # per channel, over the tokens
+    step = np.abs(trunk).max(axis=1, keepdims=True) / 127
+    assert (np.abs(got - trunk) <= step * 0.501).all()
+  manifest = {'encoding': {**codec.describe(), 'codec': ''}}
+  assert manifest['encoding']['trunk'] == {'tokens': 13, 'width': 24}
+  assert cached.Codec.from_manifest(manifest, 'unused').record_dtype == codec.record_dtype
+
+
 # --------------------------------------------------------------------------------------------
 # Building and reading.
 # --------------------------------------------------------------------------------------------
@@ -159,7 +183,9 @@ def test_records_are_the_recorded_views_with_the_online_teachers_targets(built):
   mesh = sharding.make_mesh(config)
   with jax.set_mesh(mesh):
     teacher_set = assembly.build_teachers(config, mesh)
-    online = jax.device_get(cache.make_forward(teacher_set)(teacher_set.params, batch['image']))
+    online, trunk = jax.device_get(cache.make_forward(teacher_set)(teacher_set.params,
+                                                                     batch['image']))
+  assert trunk is None
   mean, components = codec.pca['vitb']
   for j in range(8):
     # The image is exactly one recorded view of its example, rebuilt from its box and flip.
@@ -313,3 +339,80 @@ def test_a_train_step_runs_on_a_cached_batch_of_a_subset_of_its_teachers(built):
   scalars = jax.device_get(scalars)
   assert int(state.step) == 1
   assert all(np.isfinite(v) for v in scalars.values()) and scalars['loss'] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The student's trunk in the cache.
+# --------------------------------------------------------------------------------------------
+
+def trunk_config(directory, **cache_settings):
+  config = tiny_config(directory, **{'pca_dim': (), 'student_trunk': True, **cache_settings})
+  config.student.adapter_blocks = 1     # tiny-dino has 2 blocks: the trunk is block 0
+  return config
+
+
+@pytest.fixture(scope='module')
+def built_trunk(tmp_path_factory):
+  config = trunk_config(tmp_path_factory.mktemp('trunk') / 'teacher_cache')
+  config_lib.validate(config, jax.device_count())
+  return config, cache.build(config, workdir='unused')
+
+
+def step_on(config, run, batch, key):
+  """Loss and updated parameters of one cached train step on `batch[key]`."""
+  step = train.jit_train_step(config, run, cached=True)
+  targets, inputs = sharding.host_to_global((batch['targets'], batch[key]), run.mesh,
+                                            config.sharding.rules)
+  state = jax.tree.map(lambda x: x.copy(), run.state)
+  state, scalars = step(state, run.frozen, targets, inputs, False)
+  return float(scalars['loss']), jax.device_get(state.params)
+
+
+def test_a_cached_trunk_is_the_students_and_trains_as_the_views_do(built_trunk):
+  config, manifest = built_trunk
+  assert manifest['encoding']['trunk'] == {'tokens': 1 + 4 * 4, 'width': 32}
+  assert manifest['identity']['config.student.adapter_blocks'] == 1
+  batch = next(cached.make_iterator(config, 0, 1))
+  assert 'image' not in batch and batch['trunk'].shape == (8, 17, 32)
+  # The same records with their views rebuilt (the same shuffle): the trunk is the student's.
+  view_config = trunk_config(config.teacher_cache, student_trunk=False)
+  views = next(cached.make_iterator(view_config, 0, 1))
+  assert_same(views['index'], batch['index'])
+  assert_same(views['targets'], batch['targets'])
+  mesh = sharding.make_mesh(config)
+  with jax.set_mesh(mesh):
+    run = assembly.build_run(config, mesh)
+    student = nnx.merge(run.kpu_graphdef, nnx.State(run.state.params), nnx.State(run.state.stats),
+                        nnx.State(run.frozen)).student
+    tokens, grid = jax.jit(student.trunk)(views['image'])
+    assert grid == student.grid == (4, 4)
+    assert_within_half_step(batch['trunk'], np.asarray(tokens), axis=1)
+    loss, params = step_on(config, run, batch, 'trunk')
+    view_loss, view_params = step_on(view_config, run, views, 'image')
+  assert loss == pytest.approx(view_loss, rel=1e-3)
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(view_params)):
+    np.testing.assert_allclose(x, y, rtol=0, atol=2e-5)
+
+
+def test_a_trunk_cache_needs_matching_settings(built, built_trunk):
+  trunk_dir, plain_dir = built_trunk[0].teacher_cache, built[0].teacher_cache
+  config = trunk_config(trunk_dir)
+  config.student.adapter_blocks = 2
+  with pytest.raises(ConfigError, match=r'config\.student\.adapter_blocks=2 but the cache .* '
+                                        r'built with 1'):
+    cached.check_manifest(config, trunk_dir)
+  with pytest.raises(ConfigError, match=r'student_trunk=True but the cache at .* holds no '
+                                        r'student trunk'):
+    cached.check_manifest(trunk_config(plain_dir), plain_dir)
+  plain = trunk_config(trunk_dir, student_trunk=False)   # the trunk may go unused
+  assert 'image' in next(cached.make_iterator(plain, 0, 1))
+  config = trunk_config(trunk_dir)
+  config.student.adapter_blocks = 0
+  with pytest.raises(ConfigError, match=r'student_trunk=True .* needs '
+                                        r'config\.student\.adapter_blocks > 0'):
+    config_lib.validate(config, jax.device_count())
+  config = trunk_config(trunk_dir)
+  config.teachers.dino.dtype = 'bfloat16'
+  with pytest.raises(ConfigError, match=r"teachers\.dino\.dtype='bfloat16' differs from "
+                                        r"config\.dtype='float32'"):
+    cached.check_manifest(config, trunk_dir)

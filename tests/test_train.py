@@ -348,13 +348,17 @@ def test_bf16_teachers_keep_their_kernels_in_bf16_with_unchanged_outputs():
                                     np.asarray(flat(b)[path], np.float32))
 
 
-def test_training_from_a_teacher_cache_resumes_exactly(tmp_path):
-  """Cached-teacher training: the loop reads targets from the cache, and a run restarted from
-  its step-4 checkpoint ends where the uninterrupted run ends."""
+@pytest.mark.parametrize('trunk', [False, True])
+def test_training_from_a_teacher_cache_resumes_exactly(tmp_path, trunk):
+  """Cached-teacher training (with `trunk` from the stored student trunk): the loop reads
+  targets from the cache, and a run restarted from its step-4 checkpoint ends where the
+  uninterrupted run ends."""
   import shutil
   from kivfm import cache
   config = smoke(total_steps=8, checkpoint_every=4, **{'data.num_examples': 16,
                                                        'cache.views': 2, 'cache.batch_size': 8})
+  if trunk:
+    config.student.adapter_blocks, config.cache.student_trunk = 1, True
   cache.build(config, str(tmp_path / 'cache'))
   config.teacher_cache = str(tmp_path / 'cache' / 'teacher_cache')
   train.train_and_evaluate(config, str(tmp_path / 'a'))

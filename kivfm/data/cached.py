@@ -8,10 +8,12 @@ A cache directory holds
 KEY names one build (config identity, chunking, PCA sample), so chunks of different builds never
 mix. A record is one row of a numpy structured dtype (`Codec.record_dtype`, little-endian, no
 pickle): where the view comes from (source, index, view, label), its crop box (top, left, h, w)
-and flip, and per teacher its global vector 'cls' [D] and patch map 'patches' [h, w, D'] as
+and flip, per teacher its global vector 'cls' [D] and patch map 'patches' [h, w, D'], and
+with config.cache.student_trunk the student's 'trunk' tokens [T, D] (entering its first adapted
+block), as
   bfloat16, or
-  int8 with float16 scales: one per channel of the patch map (over its h*w vectors), one for
-  the global vector;
+  int8 with float16 scales: one per channel of a patch map or of the trunk (over its vectors),
+  one for the global vector;
 D' < D where config.cache.pca_dim keeps D' principal components of that teacher's patch
 vectors (decoded back to D channels on read); global vectors always keep full width.
 """
@@ -150,7 +152,35 @@ def identity(config, parts) -> dict:
       'data contents (sha256 over a sample)': sample_sha256(parts),
       'code version (kivfm.data.cached.code_version)': code_version(),
   })
+  if cache.student_trunk:
+    check_trunk(config)
+    out['config.student.adapter_blocks'] = config.student.adapter_blocks
   return json.loads(json.dumps(out))
+
+
+def trunk_shape(config, arch) -> tuple[int, int]:
+  """(tokens, width) of the student's trunk per view, for its knowledge base's `arch`."""
+  grid = config.data.image_size // arch.patch_size
+  return grid * grid + arch.class_token + arch.num_registers, arch.width
+
+
+def check_trunk(config) -> None:
+  """Raises ConfigError unless the student's trunk (the blocks below its first adapter) computes
+  what its knowledge-base teacher computes on the view, so the cache can store it."""
+  alias = config.student.knowledge_base
+  tcfg = config.teachers[alias]
+  size = teacher_image_size(tcfg)
+  problems = []
+  if tcfg.dtype != config.dtype:
+    problems.append(f'config.teachers.{alias}.dtype={tcfg.dtype!r} differs from '
+                    f'config.dtype={config.dtype!r}')
+  if size != config.data.image_size:
+    problems.append(f'config.teachers.{alias}.image_size={size!r} differs from '
+                    f'config.data.image_size={config.data.image_size!r}')
+  if problems:
+    raise ConfigError(f'config.cache.student_trunk=True: the student\'s frozen blocks compute '
+                      f'what the knowledge-base teacher {alias!r} computes only at its dtype and '
+                      f'resolution, but ' + ' and '.join(problems))
 
 
 def mismatches(expected: dict, manifest: dict, directory: str) -> list[str]:
@@ -199,6 +229,11 @@ def _check(config, directory: str, parts) -> dict:
   # How the cache was encoded (config.cache.*) is the manifest's business, not training's.
   expected = {key: value for key, value in identity(config, parts).items()
               if not key.startswith('config.cache.')}
+  if config.cache.student_trunk and not manifest['encoding'].get('trunk'):
+    raise ConfigError(f'config.cache.student_trunk=True but the cache at {directory} holds no '
+                      f'student trunk tokens; rebuild it with that setting '
+                      f'({build_command("<new dir>")} --config.cache.student_trunk=True) or train '
+                      f'without them (--config.cache.student_trunk=False)')
   problems = mismatches(expected, manifest, directory)
   if problems:
     raise ConfigError('\n'.join(problems) + f'\nRebuild the cache for this config '
@@ -238,26 +273,49 @@ def _int8(x: np.ndarray, axis) -> tuple[np.ndarray, np.ndarray]:
 
 class Codec:
   """Targets <-> record fields for the teachers `shapes` = alias -> (width, (h, w)), with
-  `pca` = alias -> (mean [D], components [D, D']) for the PCA-reduced patch maps."""
+  `pca` = alias -> (mean [D], components [D, D']) for the PCA-reduced patch maps, and the
+  student's `trunk` tokens = (tokens, width) when the cache holds them."""
 
-  def __init__(self, dtype: str, shapes: dict, pca: dict | None = None):
+  def __init__(self, dtype: str, shapes: dict, pca: dict | None = None,
+               trunk: tuple[int, int] | None = None):
     self.dtype, self.shapes, self.pca = dtype, dict(shapes), dict(pca or {})
-    self.record_dtype = np.dtype(META + [f for a in sorted(self.shapes) for f in self._fields(a)])
+    self.trunk = tuple(trunk) if trunk else None
+    fields = [f for a in sorted(self.shapes) for f in self._fields(a)]
+    if self.trunk:
+      fields += self._map_fields('trunk', self.trunk)
+    self.record_dtype = np.dtype(META + fields)
 
   def stored_width(self, alias: str) -> int:
     return self.pca[alias][1].shape[1] if alias in self.pca else self.shapes[alias][0]
 
   def _fields(self, alias: str) -> list:
     width, grid = self.shapes[alias]
-    patches = (*grid, self.stored_width(alias))
-    if self.dtype == 'bfloat16':
-      return [(f'{alias}/cls', '<u2', (width,)), (f'{alias}/patches', '<u2', patches)]
-    return [(f'{alias}/cls', 'i1', (width,)), (f'{alias}/cls_scale', '<f2'),
-            (f'{alias}/patches', 'i1', patches), (f'{alias}/patches_scale', '<f2', patches[-1:])]
+    cls = [(f'{alias}/cls', '<u2', (width,))] if self.dtype == 'bfloat16' else [
+        (f'{alias}/cls', 'i1', (width,)), (f'{alias}/cls_scale', '<f2')]
+    return cls + self._map_fields(f'{alias}/patches', (*grid, self.stored_width(alias)))
 
-  def encode(self, meta: dict, targets: dict) -> np.ndarray:
+  def _map_fields(self, name: str, shape: tuple) -> list:
+    """A map of vectors [..., C]: bfloat16, or int8 with one scale per channel."""
+    if self.dtype == 'bfloat16':
+      return [(name, '<u2', shape)]
+    return [(name, 'i1', shape), (f'{name}_scale', '<f2', shape[-1:])]
+
+  def _encode_map(self, rows: np.ndarray, name: str, x: np.ndarray) -> None:
+    if self.dtype == 'bfloat16':
+      rows[name] = x.astype(ml_dtypes.bfloat16).view('<u2')
+      return
+    rows[name], scale = _int8(x, tuple(range(1, x.ndim - 1)))
+    rows[f'{name}_scale'] = scale.reshape(len(x), -1)
+
+  def _decode_map(self, rows: np.ndarray, name: str) -> np.ndarray:
+    if self.dtype == 'bfloat16':
+      return rows[name].view(ml_dtypes.bfloat16).astype(np.float32)
+    scale = rows[f'{name}_scale'].astype(np.float32)
+    return rows[name] * scale.reshape(len(rows), *[1] * (rows[name].ndim - 2), -1)
+
+  def encode(self, meta: dict, targets: dict, trunk: np.ndarray | None = None) -> np.ndarray:
     """meta: field -> [B, ...] (META); targets: alias -> {'cls': [B, D], 'patches':
-    [B, h, w, D]} float32 -> structured records [B]."""
+    [B, h, w, D]} float32; trunk: [B, T, D] float32 (with `self.trunk`) -> records [B]."""
     rows = np.zeros(len(meta['source']), self.record_dtype)
     for key, value in meta.items():
       rows[key] = value
@@ -266,17 +324,20 @@ class Codec:
       if alias in self.pca:
         mean, components = self.pca[alias]
         patches = (patches - mean) @ components
-      if self.dtype == 'bfloat16':
-        rows[f'{alias}/cls'] = cls.astype(ml_dtypes.bfloat16).view('<u2')
-        rows[f'{alias}/patches'] = patches.astype(ml_dtypes.bfloat16).view('<u2')
-        continue
       try:
-        rows[f'{alias}/cls'], scale = _int8(cls, -1)
-        rows[f'{alias}/cls_scale'] = scale[:, 0]
-        rows[f'{alias}/patches'], scale = _int8(patches, (1, 2))
-        rows[f'{alias}/patches_scale'] = scale[:, 0, 0]
+        if self.dtype == 'bfloat16':
+          rows[f'{alias}/cls'] = cls.astype(ml_dtypes.bfloat16).view('<u2')
+        else:
+          rows[f'{alias}/cls'], scale = _int8(cls, -1)
+          rows[f'{alias}/cls_scale'] = scale[:, 0]
+        self._encode_map(rows, f'{alias}/patches', patches)
       except ValueError as e:
         raise ValueError(f'teacher {alias}: {e}') from e
+    if self.trunk:
+      try:
+        self._encode_map(rows, 'trunk', trunk)
+      except ValueError as e:
+        raise ValueError(f'student trunk: {e}') from e
     return rows
 
   def decode(self, rows: np.ndarray, aliases) -> dict:
@@ -285,22 +346,25 @@ class Codec:
     for alias in aliases:
       if self.dtype == 'bfloat16':
         cls = rows[f'{alias}/cls'].view(ml_dtypes.bfloat16).astype(np.float32)
-        patches = rows[f'{alias}/patches'].view(ml_dtypes.bfloat16).astype(np.float32)
       else:
         cls = rows[f'{alias}/cls'] * rows[f'{alias}/cls_scale'].astype(np.float32)[:, None]
-        scale = rows[f'{alias}/patches_scale'].astype(np.float32)[:, None, None]
-        patches = rows[f'{alias}/patches'] * scale
+      patches = self._decode_map(rows, f'{alias}/patches')
       if alias in self.pca:
         mean, components = self.pca[alias]
         patches = patches @ components.T + mean
       out[alias] = {'cls': cls.astype(np.float32), 'patches': patches.astype(np.float32)}
     return out
 
+  def decode_trunk(self, rows: np.ndarray) -> np.ndarray:
+    """Structured records [B] -> the student's trunk tokens [B, T, D] float32."""
+    return self._decode_map(rows, 'trunk').astype(np.float32)
+
   def describe(self) -> dict:
     """The manifest's 'encoding' entry (with the codec file name, `from_manifest` rebuilds it)."""
     return {'dtype': self.dtype, 'record_bytes': self.record_dtype.itemsize,
             'teachers': {a: {'width': w, 'grid': list(g), 'stored_width': self.stored_width(a)}
-                         for a, (w, g) in sorted(self.shapes.items())}}
+                         for a, (w, g) in sorted(self.shapes.items())},
+            'trunk': {'tokens': self.trunk[0], 'width': self.trunk[1]} if self.trunk else None}
 
   def save_pca(self, path: str) -> None:
     readers.save_npz(path, {f'{a}/{k}': v for a, (mean, comp) in sorted(self.pca.items())
@@ -311,7 +375,8 @@ class Codec:
     encoding = manifest['encoding']
     shapes = {a: (t['width'], tuple(t['grid'])) for a, t in encoding['teachers'].items()}
     pca = read_pca(os.path.join(directory, encoding['codec']), shapes) if encoding['codec'] else {}
-    codec = cls(encoding['dtype'], shapes, pca)
+    trunk = encoding.get('trunk')
+    codec = cls(encoding['dtype'], shapes, pca, trunk and (trunk['tokens'], trunk['width']))
     if codec.record_dtype.itemsize != encoding['record_bytes']:
       raise DataUnavailableError(f'the teacher-target cache at {directory} does not match its '
                                  f'manifest (records of {encoding["record_bytes"]} bytes, '
@@ -332,10 +397,13 @@ def read_pca(path: str, shapes) -> dict:
 # --------------------------------------------------------------------------------------------
 
 class _View(grain.transforms.Map):
-  """Record bytes -> the example with exactly the recorded view (or a bad marker)."""
+  """Record bytes -> the example with exactly the recorded view (or a bad marker); with
+  `image` False (the record holds the student's trunk) the record alone, no view rebuilt."""
 
-  def __init__(self, parts, record_dtype: np.dtype, size: int, directory: str):
+  def __init__(self, parts, record_dtype: np.dtype, size: int, directory: str,
+               image: bool = True):
     self.parts, self.record_dtype, self.size, self.directory = parts, record_dtype, size, directory
+    self.image = image
 
   def map(self, raw: bytes) -> dict:
     if len(raw) != self.record_dtype.itemsize:
@@ -344,6 +412,9 @@ class _View(grain.transforms.Map):
                                  f'the cache is damaged: rebuild it')
     row = np.frombuffer(raw, self.record_dtype)[0]
     source, index = int(row['source']), int(row['index'])
+    if not self.image:
+      return {'label': row['label'], 'index': np.int32(index), 'source': np.int32(source),
+              'record': np.frombuffer(raw, np.uint8)}
     example = self.parts[source][index]
     if examples.is_bad(example):
       return example
@@ -358,14 +429,18 @@ class _View(grain.transforms.Map):
 
 
 class _Targets(grain.transforms.Map):
-  """A batch's stacked record bytes -> its float32 targets of the teachers `aliases`."""
+  """A batch's stacked record bytes -> its float32 targets of the teachers `aliases` (and with
+  `trunk` the student's trunk tokens)."""
 
-  def __init__(self, codec: Codec, aliases):
-    self.codec, self.aliases = codec, tuple(aliases)
+  def __init__(self, codec: Codec, aliases, trunk: bool):
+    self.codec, self.aliases, self.trunk = codec, tuple(aliases), trunk
 
   def map(self, batch: dict) -> dict:
     rows = batch.pop('record').view(self.codec.record_dtype).reshape(-1)
-    return {**batch, 'targets': self.codec.decode(rows, self.aliases)}
+    out = {**batch, 'targets': self.codec.decode(rows, self.aliases)}
+    if self.trunk:
+      out['trunk'] = self.codec.decode_trunk(rows)
+    return out
 
 
 def make_dataset(config, directory: str, manifest: dict, parts, process_index: int = 0,
@@ -378,9 +453,11 @@ def make_dataset(config, directory: str, manifest: dict, parts, process_index: i
   seed = int(np.random.SeedSequence([data.shuffle_seed]).generate_state(1)[0])
   records = pipeline.process_slice(records.shuffle(seed=seed).repeat(None), data.batch_size,
                                    process_index, process_count)
-  views = records.map(_View(parts, codec.record_dtype, data.image_size, directory))
+  trunk = config.cache.student_trunk
+  views = records.map(_View(parts, codec.record_dtype, data.image_size, directory,
+                            image=not trunk))
   batches = pipeline.FullBatches(views.to_iter_dataset(), data.batch_size // process_count)
-  batches = batches.map(_Targets(codec, sorted(config.teachers)))
+  batches = batches.map(_Targets(codec, sorted(config.teachers), trunk))
   return pipeline.with_workers(batches, data.worker_count)
 
 
@@ -401,7 +478,8 @@ def make_iterator(config, process_index: int, process_count: int):
   config.teacher_cache, after `check_manifest`. Batches: {'image': uint8 [B_local, S, S, 3]
   (the recorded view, rebuilt from the source example), 'targets': alias -> {'cls': float32
   [B_local, D], 'patches': float32 [B_local, h, w, D]}, 'label', 'index', 'source': int32
-  [B_local], 'skipped': int}. All N*K records, sharded per process, shuffled per epoch with
+  [B_local], 'skipped': int}; with config.cache.student_trunk 'trunk': float32 [B_local, T, D]
+  (the student's tokens entering its first adapted block) instead of 'image'. All N*K records, sharded per process, shuffled per epoch with
   data.shuffle_seed, repeated; an example that became bad is skipped and counted
   (`pipeline.FullBatches`)."""
   if not config.teacher_cache:

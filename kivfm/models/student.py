@@ -30,6 +30,11 @@ class Student(nnx.Module):
     self.first_adapted = adapters.first_adapted(arch.depth, adapter_blocks)
     self.image_size, self.mean, self.std, self.dtype = tuple(image_size), mean, std, dtype
 
+  @property
+  def grid(self) -> tuple[int, int]:
+    """The patch grid at the training size."""
+    return tuple(s // self.vit.cfg.patch_size for s in self.image_size)
+
   def __call__(self, images: jax.Array, size: tuple[int, int] | None = None) -> dict:
     """`size`: the resolution the views are resized to (default: the training size); any
     multiple of the patch size, the position embeddings are interpolated to its grid."""

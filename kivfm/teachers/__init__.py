@@ -75,6 +75,12 @@ class Teacher(nnx.Module):
   def __call__(self, images: jax.Array) -> dict:
     return self._with_heads(self.model(self.preprocess(images)))
 
+  def tokens(self, images: jax.Array, stop: int) -> tuple[jax.Array, tuple[int, int]]:
+    """The tokens entering ViT block `stop` on the view, and the patch grid: what the student's
+    `trunk` computes with this teacher's weights, and what `from_tokens` continues from."""
+    tokens, grid = self.model.tokens(self.preprocess(images))
+    return self.model.run_blocks(tokens, grid, 0, stop=stop)[0], grid
+
   def from_tokens(self, tokens: jax.Array, grid: tuple[int, int], start: int) -> dict:
     """`__call__` from the tokens entering ViT block `start`, e.g. a trunk the student computed
     with this teacher's weights on the same preprocessed view."""
