@@ -1,7 +1,7 @@
 """The fused CPU attention kernel (`kivfm.kernels.attention`): forward and gradients equal the
 softmax formula (float64 numpy) at odd lengths, Nq != Nk, fewer (batch, head) pairs than threads,
 logits that would overflow `exp`, and a batch sharded over the 8 test devices; the plain path
-uses it exactly for float32 without a bias on CPU; the build is cached, and a missing compiler,
+uses it exactly without a bias on CPU (half precision widened to float32); the build is cached, and a missing compiler,
 the switch, or a failing build are handled as documented."""
 from __future__ import annotations
 
@@ -87,16 +87,19 @@ def test_sharded_call_runs_per_shard_and_equals_the_formula(mesh_shape, spec):
   assert 'all-gather' not in hlo   # no device computes another's (batch, head) pairs
 
 
-def test_plain_attention_uses_the_kernel_only_for_float32_without_bias(monkeypatch):
+def test_plain_attention_uses_the_kernel_without_bias_in_float32(monkeypatch):
   calls, kernel = [], cpu_attention.attention
   monkeypatch.setattr(cpu_attention, 'attention', lambda *a: calls.append(a) or kernel(*a))
   q, k, v, _ = _inputs(1, 6, 6, 2, 4, seed=5)
-  bias = jnp.zeros((1, 2, 6, 6))
-  vit._attend(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
-  vit._attend(q, k, v, bias)
+  vit._attend(q, k, v, jnp.zeros((1, 2, 6, 6)))
   assert not calls
-  vit._attend(q, k, v)
+  want = vit._attend(q, k, v)
   assert len(calls) == 1
+  half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  got = vit._attend(*half)   # widened for the kernel, rounded back
+  assert len(calls) == 2 and all(x.dtype == jnp.float32 for x in calls[1])
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=0.05)
 
 
 def test_build_is_cached_per_source_and_reused(tmp_path, monkeypatch):

@@ -55,6 +55,32 @@ def test_matmul_gradients_equal_jnp_dot():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_half_precision_products_ask_for_float32_results_on_cpu():
+  """bf16 dots, matmul gradients and convolutions: float32 results (XLA:CPU's AMX path)
+  rounded back to bf16, equal to the float32 product of the same operands rounded once."""
+  cpu = jax.default_backend() == 'cpu'
+  rng = np.random.default_rng(3)
+  half = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  x, w, g = half(3, 5, 64), half(64, 7), half(3, 5, 7)
+  wide = lambda a: a.astype(jnp.float32)
+  hlo = jax.jit(layers.dot).lower(x, w).as_text()
+  assert ('tensor<3x5x7xf32>' in hlo) == cpu, hlo   # the product's float32 result
+  got = layers.matmul(x, w)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(wide(got), wide(jnp.dot(wide(x), wide(w)).astype(jnp.bfloat16)),
+                             rtol=2 ** -7)
+  dx, dw = jax.grad(lambda x, w: (wide(layers.matmul(x, w)) * wide(g)).sum(), (0, 1))(x, w)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  np.testing.assert_allclose(wide(dw), wide(jnp.einsum('abk,abn->kn', wide(x), wide(g))),
+                             rtol=2 ** -7, atol=1e-2)
+  conv = layers.Conv(4, 8, 3, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  images = half(2, 6, 6, 4)
+  assert ('f32' in str(jax.make_jaxpr(conv)(images))) == cpu
+  assert conv(images).dtype == jnp.bfloat16
+  assert layers.float32_results(jnp.ones(2, jnp.float16)) == cpu
+  assert not layers.float32_results(jnp.ones(2, jnp.float32), jnp.ones(2, jnp.bfloat16))
+
+
 def test_plain_attention_equals_the_softmax_formula():
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(rng.normal(size=(2, n, 3, 4)), jnp.float32) for n in (5, 7, 7))

@@ -122,9 +122,11 @@ def disabled():
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
-  """Whether `attention` serves these operands here: float32 on the CPU backend."""
+  """Whether `attention` serves these operands here, in float32: float32 or half-precision
+  operands on the CPU backend."""
   return (not _disabled and jax.default_backend() == 'cpu' and q.ndim == 4
-          and all(x.dtype == jnp.float32 for x in (q, k, v)) and available())
+          and all(x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) for x in (q, k, v))
+          and available())
 
 
 def _batch_and_heads(mesh, sharding, ndim: int):

@@ -222,12 +222,13 @@ CPU_MATMUL_NORMALISER_KEYS = 200
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = None) -> jax.Array:
   """Softmax attention over [B, N, H, Dh] heads (float32 softmax) -> [B, Nq, H * Dh].
-  Materialises the [B, H, Nq, Nk] logits: the 'plain' path. Without a bias, float32 on CPU
-  runs the fused kernel `kivfm.kernels.attention` (2.5x faster at 257 tokens, forward and
-  backward), which materialises one [Nq, Nk] block per thread instead."""
+  Materialises the [B, H, Nq, Nk] logits: the 'plain' path. Without a bias, on CPU the fused
+  float32 kernel `kivfm.kernels.attention` runs instead (2.5x faster at 257 tokens, forward and
+  backward; half-precision operands are widened for it), materialising one [Nq, Nk] block per
+  thread."""
   if bias is None and cpu_attention.supported(q, k, v):
-    out = cpu_attention.attention(q, k, v)
-    return out.reshape(*out.shape[:2], -1)
+    out = cpu_attention.attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+    return out.reshape(*out.shape[:2], -1).astype(v.dtype)
   # Heads-major operands: batched matmuls with leading batch dimensions, which XLA:CPU runs
   # about 2.5x faster than the same einsums over [B, N, H, Dh] (no effect on GPU / TPU).
   q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
