@@ -1,4 +1,6 @@
 """Layers written for XLA:CPU speed compute exactly what the plain formulations compute."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,18 @@ def test_half_precision_products_ask_for_float32_results_on_cpu():
   assert conv(images).dtype == jnp.bfloat16
   assert layers.float32_results(jnp.ones(2, jnp.float16)) == cpu
   assert not layers.float32_results(jnp.ones(2, jnp.float32), jnp.ones(2, jnp.bfloat16))
+
+
+def test_gelu_is_the_exact_formula():
+  x = np.linspace(-12, 12, 4801)
+  want = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+  slope = 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(
+      2 * math.pi)
+  got = layers.gelu(jnp.asarray(x, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(jnp.asarray(x, jnp.float32)), slope,
+                             rtol=0, atol=2e-6)
+  assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
 
 
 def test_plain_attention_equals_the_softmax_formula():

@@ -15,6 +15,7 @@ Conventions (all kivfm modules follow them):
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import jax
@@ -218,7 +219,9 @@ class BatchNorm(nnx.Module):
 
 
 def gelu(x):
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU as PyTorch writes it, x * (1 + erf(x / sqrt 2)) / 2: XLA:CPU computes erf as a
+  short rational polynomial, where `jax.nn.gelu`'s erfc takes exp and branches (1.6x slower)."""
+  return 0.5 * x * (1 + jax.lax.erf(x * math.sqrt(0.5)))
 
 
 def gelu_tanh(x):
