@@ -10,8 +10,9 @@ abstract=True)`: nothing allocated, no weights read), then reports per device: X
 (arguments + outputs + temporaries - aliased, the donated state) against the chip's HBM, the
 FLOPs per image and the hours of `config.total_steps` steps at a model-FLOPs utilisation.
 
-Estimates, not measurements: XLA:CPU plans the buffers (its fusions and layouts, not the TPU /
-GPU compiler's; GPU runs use cuDNN attention, which CPU cannot), and JAX on GPU preallocates 75%
+Estimates, not measurements: XLA:CPU plans the buffers of the step traced as the accelerator's
+program (`backend.as_accelerator`: none of XLA:CPU's own paths), with its fusions and layouts,
+not the TPU / GPU compiler's (GPU runs use cuDNN attention, which CPU cannot), and JAX on GPU preallocates 75%
 of HBM by default. FLOPs are XLA's count of the step with plain attention (XLA counts a loop
 body once, and blocked attention is a loop; same arithmetic, apart from the blocked backward's
 recomputation); it includes remat's recomputation and the per-teacher gradient-norm branch
@@ -30,11 +31,10 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from kivfm import assembly, paths, sharding, train
+from kivfm import assembly, backend, paths, sharding, train
 from kivfm import config as config_lib
 from kivfm.data import cached
 from kivfm.errors import ConfigError
-from kivfm.kernels import attention as cpu_attention
 
 GIB = 2 ** 30
 
@@ -107,7 +107,9 @@ def analyze(config, name: str, batch_per_device: int | None = None, mfu: float =
   size = config.data.image_size
   images = jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8,
                                 sharding=sharding.batch_sharding(mesh, config.sharding.rules, 4))
-  with jax.set_mesh(mesh):
+  # Traced as the accelerator's program: without XLA:CPU's own paths (e.g. its attention kernel,
+  # which plans no [N, N] logits where a TPU's plain attention does).
+  with jax.set_mesh(mesh), backend.as_accelerator():
     start = time.perf_counter()
     lowered = lower_step(config, mesh, images)
     # On CPU, less LLVM effort: the same buffers and FLOPs, compiled several times faster.
@@ -116,8 +118,7 @@ def analyze(config, name: str, batch_per_device: int | None = None, mfu: float =
     compile_s = time.perf_counter() - start
     plain = config.copy_and_resolve_references()
     plain.attention.impl = 'plain'
-    with cpu_attention.disabled():   # XLA counts no FLOPs inside the CPU kernel
-      flops = lower_step(plain, mesh, images).cost_analysis()['flops']   # global: not partitioned
+    flops = lower_step(plain, mesh, images).cost_analysis()['flops']   # global: not partitioned
 
   m = compiled.memory_analysis()
   memory = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,

@@ -356,7 +356,8 @@ def main(argv):
     print(f'teacher cache: {manifest["records"]} records ({manifest["skipped_examples"]} bad '
           f'examples skipped), {manifest["bytes"] / 1e6:.1f} MB = '
           f'{manifest["bytes"] / manifest["float32_bytes"]:.3f} of the float32 targets\n'
-          f'train from it with: --config.teacher_cache={directory}')
+          f'train from it with: --config.teacher_cache={directory}' +
+          (' --config.cache.student_trunk=True' if config.cache.student_trunk else ''))
 
 
 if __name__ == '__main__':

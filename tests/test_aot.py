@@ -93,3 +93,23 @@ def test_cached_teacher_targets_replace_the_teachers():
   config.cache.student_trunk = True
   trunk = aot.analyze(config, '8xH100', batch_per_device=2)
   assert 0 < trunk['flops_per_image'] < cached['flops_per_image']
+
+
+def test_the_step_is_traced_as_the_accelerators_program(monkeypatch):
+  """No XLA:CPU path (here the CPU attention kernel) in the program aot compiles, which the
+  same step traced for this CPU has."""
+  from kivfm.kernels import attention as cpu_attention
+  if not (jax.default_backend() == 'cpu' and cpu_attention.available()):
+    pytest.skip('needs the CPU attention kernel')
+  texts = []
+  lower = aot.lower_step
+  monkeypatch.setattr(aot, 'lower_step', lambda *a: texts.append(lower(*a).as_text()) or lower(*a))
+  aot.analyze(config_lib.load(SMOKE), '8xH100', batch_per_device=1)
+  kernel = ('kivfm_attention', 'CustomSPMDPartitioning')   # a call, or one split over the mesh
+  assert texts and not any(name in text for text in texts for name in kernel)
+  config = config_lib.load(SMOKE)
+  mesh = sharding.make_mesh(config)
+  images = jax.ShapeDtypeStruct((8, 32, 32, 3), jax.numpy.uint8,
+                                sharding=sharding.batch_sharding(mesh, config.sharding.rules, 4))
+  with jax.set_mesh(mesh):
+    assert 'CustomSPMDPartitioning' in lower(config, mesh, images).as_text()

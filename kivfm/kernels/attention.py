@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kivfm import backend
 from kivfm.weights import sources
 
 SOURCE = os.path.join(os.path.dirname(__file__), 'attention_cpu.cc')
@@ -124,7 +125,7 @@ def disabled():
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
   """Whether `attention` serves these operands here, in float32: float32 or half-precision
   operands on the CPU backend."""
-  return (not _disabled and jax.default_backend() == 'cpu' and q.ndim == 4
+  return (not _disabled and backend.cpu_paths() and q.ndim == 4
           and all(x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) for x in (q, k, v))
           and available())
 

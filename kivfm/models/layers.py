@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kivfm import backend
+
 Initializer = Callable[..., jax.Array]
 Axes = tuple[str | None, ...]
 
@@ -50,7 +52,7 @@ def float32_results(*operands: jax.Array) -> bool:
   TFLOP/s on 2 Sapphire Rapids cores), bf16 -> bf16 ones on a generic path (~270 GFLOP/s, below
   float32's ~300). Other backends accumulate in float32 anyway."""
   dtype = jnp.result_type(*operands)
-  return jax.default_backend() == 'cpu' and dtype in (jnp.bfloat16, jnp.float16)
+  return backend.cpu_paths() and dtype in (jnp.bfloat16, jnp.float16)
 
 
 def dot(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -97,7 +99,7 @@ def _gradient_barrier_fwd(x):
 
 
 def _gradient_barrier_bwd(_, g):
-  if jax.default_backend() != 'cpu':
+  if not backend.cpu_paths():
     return (g,)
   first = g.reshape(-1)[0]   # a predicate XLA cannot fold; false only if `first` is NaN
   return (jax.lax.cond(first == first, lambda t: t, lambda t: t * jnp.nan, g),)
@@ -174,7 +176,7 @@ class Conv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-    if self.groups > 1 and kernel.shape[2:] == (1, self.groups) and jax.default_backend() == 'cpu':
+    if self.groups > 1 and kernel.shape[2:] == (1, self.groups) and backend.cpu_paths():
       y = depthwise_conv(x, kernel, self.stride, self.padding)
     else:
       y = jax.lax.conv_general_dilated(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kivfm import backend
 from kivfm.kernels import attention as cpu_attention
 from kivfm.models import layers
 
@@ -236,7 +237,7 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None = N
   if bias is not None:
     logits = logits + bias
   logits = logits.astype(jnp.float32)
-  if jax.default_backend() != 'cpu' or k.shape[2] < CPU_MATMUL_NORMALISER_KEYS:
+  if not backend.cpu_paths() or k.shape[2] < CPU_MATMUL_NORMALISER_KEYS:
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bhkd->bqhd', probs, v)
     return out.reshape(*out.shape[:2], -1)
