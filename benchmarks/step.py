@@ -10,6 +10,7 @@ global vectors, preservation term; AdamW; fp32; synthetic uint8 images.
 Groups, each timed interleaved in this one process (every round runs each contender in turn,
 after its first call, which compiles and warms up):
   compare B32 112px, compare B64 224px   kivfm vs torch eager (and torch.compile at B32 112 px);
+  compare bf16 B32 112px   kivfm in bf16 vs torch eager under bf16 autocast (CPU only);
   options     kivfm at B32 112 px: online vs cached teachers, fp32 vs bf16, remat, adapters in
               the last 4 blocks only (`config.student.adapter_blocks`); an option kivfm cannot
               run (yet), or that changes nothing, is skipped with the reason as a note;
@@ -56,7 +57,7 @@ class Spec:
   @property
   def name(self) -> str:
     if self.framework != 'kivfm':
-      return f'{self.framework} fp32'
+      return f'{self.framework} ' + ('bf16 autocast' if self.dtype == 'bfloat16' else 'fp32')
     parts = ['kivfm', ('cached+trunk' if self.trunk else 'cached') if self.cached else 'online',
              'bf16' if self.dtype == 'bfloat16' else 'fp32']
     parts += ['remat'] if self.remat else []
@@ -101,6 +102,10 @@ def groups(plan: Plan, accelerator: bool) -> list[tuple[str, list[Spec]]]:
     peers = [] if accelerator else [Spec('torch', b, s)] + (
         [Spec('torch.compile', b, s)] if (b, s) in plan.torch_compile else [])
     out.append((f'compare B{b} {s}px', [kivfm(b, s)] + peers))
+  if not accelerator:   # mixed precision on both sides (AMX / AVX512-BF16 where the CPU has it)
+    b, s = plan.compare[0]
+    out.append((f'compare bf16 B{b} {s}px', [kivfm(b, s, dtype='bfloat16'),
+                                             Spec('torch', b, s, 'bfloat16')]))
   b, s = plan.options
   last = plan.adapter_blocks
   out.append(('options', [kivfm(b, s), kivfm(b, s, cached=True), kivfm(b, s, dtype=other),
@@ -193,7 +198,8 @@ class Bench:
 
   def _torch(self, spec: Spec) -> Contender:
     recipe = kivfm_side.recipe(self.config(dataclasses.replace(spec, framework='kivfm')))
-    trainer = torch_peer.Trainer(recipe, compile=spec.framework == 'torch.compile')
+    trainer = torch_peer.Trainer(recipe, compile=spec.framework == 'torch.compile',
+                                 autocast=spec.dtype == 'bfloat16')
     images = torch.from_numpy(self.images(spec.batch, spec.size))
     step = lambda: trainer.step(images)
     try:

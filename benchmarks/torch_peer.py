@@ -253,10 +253,12 @@ def learning_rate(r: Recipe, step: int) -> float:
 
 class Trainer:
   """The peer and its AdamW; `step(images)` is one training step, `compile=True` runs the loss
-  (forward and backward) through `torch.compile`."""
+  (forward and backward) through `torch.compile`, `autocast=True` under CPU bf16 autocast."""
 
-  def __init__(self, recipe: Recipe, seed: int = 0, compile: bool = False):
+  def __init__(self, recipe: Recipe, seed: int = 0, compile: bool = False,
+               autocast: bool = False):
     self.peer = Peer(recipe, seed)
+    self.autocast = autocast
     params = self.peer.trainable()
     groups = [{'params': [p for p in params if p.ndim >= 2], 'weight_decay': recipe.weight_decay},
               {'params': [p for p in params if p.ndim < 2], 'weight_decay': 0.0}]
@@ -268,7 +270,8 @@ class Trainer:
     """One update (skipped when the loss or gradient norm is not finite) -> scalars."""
     r = self.peer.recipe
     self.optimizer.zero_grad(set_to_none=True)
-    loss, terms = self.loss_fn(images)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=self.autocast):
+      loss, terms = self.loss_fn(images)
     loss.backward()
     params = self.peer.trainable()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, r.clip_norm if r.clip_norm > 0 else

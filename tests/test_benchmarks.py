@@ -50,6 +50,7 @@ def test_quick_run_writes_every_variant(tmp_path):
   assert peak['peak'] == max(peak['jax'], peak['torch']) > 0
   assert results['machine']['cores'] > 0 and results['machine']['jax'] == jax.__version__
   assert 'kivfm / torch fp32 at B8 32px' in done.stdout
+  assert 'kivfm / torch bf16 autocast at B8 32px' in done.stdout
 
 
 def test_dinov2_config_round_trips():
@@ -98,7 +99,8 @@ def test_groups_are_selected_by_name_prefix():
   plan_groups = bench_step.groups(bench_step.QUICK, False)
   names = lambda wanted: [name for name, _ in bench_step.select(plan_groups, wanted)]
   assert names('') == [name for name, _ in plan_groups]
-  assert names('compare') == ['compare B8 32px', 'compare B8 64px']
+  assert names('compare') == ['compare B8 32px', 'compare B8 64px', 'compare bf16 B8 32px']
+  assert names('compare bf16') == ['compare bf16 B8 32px']
   assert names('options, batch') == ['options', 'batch']
   with pytest.raises(SystemExit, match='matches no group'):
     names('nope')
