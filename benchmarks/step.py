@@ -209,7 +209,7 @@ class Bench:
         raise
       raise Skipped(f'torch.compile failed: {type(error).__name__}: {error}') from error
     counted = None
-    if spec.framework == 'torch':
+    if spec.framework == 'torch' and spec.dtype == 'float32':
       counted = measure.torch_flops(lambda: trainer.peer.loss(images[:1])[0].backward())
     return Contender(spec, step, sum(p.numel() for p in trainer.peer.trainable()), first,
                      torch_flops_per_image=counted)
