@@ -12,8 +12,8 @@ FLOPs per image and the hours of `config.total_steps` steps at a model-FLOPs uti
 
 Estimates, not measurements: XLA:CPU plans the buffers of the step traced as the accelerator's
 program (`backend.as_accelerator`: none of XLA:CPU's own paths), with its fusions and layouts,
-not the TPU / GPU compiler's (GPU runs use cuDNN attention, which CPU cannot), and JAX on GPU preallocates 75%
-of HBM by default. FLOPs are XLA's count of the step with plain attention (XLA counts a loop
+not the TPU / GPU compiler's (GPU runs use cuDNN attention, which CPU cannot), and JAX on GPU
+preallocates 75% of HBM by default. FLOPs are XLA's count of the step with plain attention (XLA counts a loop
 body once, and blocked attention is a loop; same arithmetic, apart from the blocked backward's
 recomputation); it includes remat's recomputation and the per-teacher gradient-norm branch
 (XLA counts the larger branch of a cond), so hours are an upper figure for that MFU.

@@ -35,8 +35,8 @@ import time
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 

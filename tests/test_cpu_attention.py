@@ -1,8 +1,8 @@
 """The fused CPU attention kernel (`kivfm.kernels.attention`): forward and gradients equal the
 softmax formula (float64 numpy) at odd lengths, Nq != Nk, fewer (batch, head) pairs than threads,
 logits that would overflow `exp`, and a batch sharded over the 8 test devices; the plain path
-uses it exactly without a bias on CPU (half precision widened to float32); the build is cached, and a missing compiler,
-the switch, or a failing build are handled as documented."""
+uses it exactly without a bias on CPU (half precision widened to float32); the build is cached,
+and a missing compiler, the switch, or a failing build are handled as documented."""
 from __future__ import annotations
 
 import os

@@ -479,9 +479,9 @@ def make_iterator(config, process_index: int, process_count: int):
   (the recorded view, rebuilt from the source example), 'targets': alias -> {'cls': float32
   [B_local, D], 'patches': float32 [B_local, h, w, D]}, 'label', 'index', 'source': int32
   [B_local], 'skipped': int}; with config.cache.student_trunk 'trunk': float32 [B_local, T, D]
-  (the student's tokens entering its first adapted block) instead of 'image'. All N*K records, sharded per process, shuffled per epoch with
-  data.shuffle_seed, repeated; an example that became bad is skipped and counted
-  (`pipeline.FullBatches`)."""
+  (the student's tokens entering its first adapted block) instead of 'image'. All N*K records,
+  sharded per process, shuffled per epoch with data.shuffle_seed, repeated; an example that
+  became bad is skipped and counted (`pipeline.FullBatches`)."""
   if not config.teacher_cache:
     raise ConfigError("config.teacher_cache is empty; set it to a cache directory built by "
                       "python -m kivfm.cache")
