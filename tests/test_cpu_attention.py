@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from kivfm import backend
 from kivfm.kernels import attention as cpu_attention
 from kivfm.models import vit
 
@@ -139,12 +140,12 @@ def test_switch_and_missing_compiler_fall_back_with_a_note(monkeypatch, capsys):
     assert cpu_attention.available()
 
 
-def test_disabled_traces_xla_attention_whose_flops_xla_counts():
+def test_as_accelerator_traces_xla_attention_whose_flops_xla_counts():
   q, k, v, _ = _inputs(2, 16, 16, 2, 8, seed=7)
-  # a fresh function per trace: jit caches traces per function, and `disabled` is not part of
-  # that cache's key
+  # a fresh function per trace: jit caches traces per function, and `as_accelerator` is not
+  # part of that cache's key
   flops = lambda: jax.jit(lambda *a: vit._attend(*a)).lower(q, k, v).cost_analysis()['flops']
-  with cpu_attention.disabled():
+  with backend.as_accelerator():
     counted = flops()
   assert counted >= 2 * 2 * (2 * 2 * 16 * 16 * 8)   # q k^T and p v
   assert flops() < counted / 10                      # the custom call counts as nothing

@@ -11,7 +11,6 @@ install them. KIVFM_CPU_ATTENTION=0 turns the kernel off.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import hashlib
@@ -107,25 +106,11 @@ def available() -> bool:
   return True
 
 
-_disabled = 0
-
-
-@contextlib.contextmanager
-def disabled():
-  """Programs traced inside use XLA's attention: XLA's cost analysis counts no FLOPs in a
-  custom call, so FLOP counts are taken from such a trace."""
-  global _disabled
-  _disabled += 1
-  try:
-    yield
-  finally:
-    _disabled -= 1
-
-
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
   """Whether `attention` serves these operands here, in float32: float32 or half-precision
-  operands on the CPU backend."""
-  return (not _disabled and backend.cpu_paths() and q.ndim == 4
+  operands on the CPU backend, outside `backend.as_accelerator` (where XLA's attention runs,
+  whose FLOPs XLA's cost analysis counts, unlike a custom call's)."""
+  return (backend.cpu_paths() and q.ndim == 4
           and all(x.dtype in (jnp.float32, jnp.bfloat16, jnp.float16) for x in (q, k, v))
           and available())
 
